@@ -1,0 +1,167 @@
+"""Configuration of an LI-DiT model: the text pathway, the DiT backbone and the diffusion objective.
+
+Everything here is plain data that round-trips through JSON, because the config travels inside
+every checkpoint's metadata and must describe the model without any code beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PAPER_INSTRUCTION = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:"
+)
+
+PREDICTIONS = ("eps", "v", "flow")
+DROP_INSTRUCTION = ("after_collab", "after_llm")
+LATENT_FORMATS = ("pixel", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class LLMBranch:
+    """One frozen LLM feeding the text pathway; `layer` indexes transformers' `hidden_states`."""
+
+    name: str
+    hidden_size: int
+    layer: int = -3
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The LLM-infused diffuser: instruction, per-LLM token refiners and the collaborative refiner.
+
+    `width`/`heads` size the refiners (the paper leaves them open; we project every LLM to one
+    width so the collaborative refiner can mix branches of different hidden sizes).
+    `drop_instruction` picks where the template tokens leave: after the collaborative refiner
+    (the paper) or right after the LLM (HunyuanVideo).
+    """
+
+    branches: tuple[LLMBranch, ...]
+    width: int
+    heads: int
+    refiner_depth: int = 2
+    collab_depth: int = 1
+    mlp_ratio: float = 4.0
+    max_tokens: int = 256
+    drop_instruction: str = "after_collab"
+    instruction: str = PAPER_INSTRUCTION
+    system_prompt: str = ""
+    chat_template: bool = True
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The backbone. `pos_table` adds a fixed 2D sin-cos table before the conv ResBlock.
+
+    The paper uses the conv ResBlock alone; at small scale an absolute table makes layout learn
+    far faster (see the small-scale findings in the design notes), so it is a switch.
+    """
+
+    depth: int
+    hidden: int
+    heads: int
+    patch: int
+    in_channels: int
+    mlp_ratio: float = 4.0
+    pos_table: bool = False
+
+
+@dataclass(frozen=True)
+class LIDiTConfig:
+    """A whole model. `prediction`: eps (the paper, DDPM), v (DDPM v-prediction) or flow.
+
+    `x_param` (flow only) makes the network predict the clean image and derives the velocity
+    from it, which trains better in pixel space with large patches. `shift` is the flow
+    schedule shift; `latent_format` tells hosts how to decode (pixel = RGB in [-1, 1]).
+    `steps`/`cfg` are sampling defaults recorded by whoever trained the weights.
+    """
+
+    text: TextConfig
+    dit: DiTConfig
+    prediction: str = "eps"
+    x_param: bool = False
+    shift: float = 1.0
+    latent_format: str = "sd3"
+    steps: int = 30
+    cfg: float = 4.5
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.x_param and self.prediction != "flow":
+            raise ValueError("x_param is only defined for prediction='flow'")
+        if self.text.drop_instruction not in DROP_INSTRUCTION:
+            raise ValueError(f"drop_instruction must be one of {DROP_INSTRUCTION}")
+        if self.latent_format not in LATENT_FORMATS:
+            raise ValueError(f"latent_format must be one of {LATENT_FORMATS}")
+        if not self.text.branches:
+            raise ValueError("a model needs at least one LLM branch")
+        for size, heads, what in ((self.text.width, self.text.heads, "text"),
+                                  (self.dit.hidden, self.dit.heads, "dit")):
+            if size % heads:
+                raise ValueError(f"{what} width {size} is not divisible by its {heads} heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LIDiTConfig":
+        text = dict(d["text"])
+        text["branches"] = tuple(LLMBranch(**b) for b in text["branches"])
+        return cls(**{**d, "text": TextConfig(**text), "dit": DiTConfig(**d["dit"])})
+
+    @classmethod
+    def from_json(cls, s: str) -> "LIDiTConfig":
+        return cls.from_dict(json.loads(s))
+
+
+def _big(depth: int, hidden: int, heads: int) -> LIDiTConfig:
+    """The paper's presets: LLaMA3-8B and Qwen1.5-7B, 16-channel 8x latents, eps prediction."""
+    branches = (LLMBranch("Meta-Llama-3-8B-Instruct", 4096), LLMBranch("Qwen1.5-7B-Chat", 4096))
+    return LIDiTConfig(
+        text=TextConfig(branches=branches, width=hidden, heads=heads),
+        dit=DiTConfig(depth=depth, hidden=hidden, heads=heads, patch=2, in_channels=16),
+        prediction="eps", latent_format="sd3",
+    )
+
+
+PRESETS: dict[str, LIDiTConfig] = {
+    "lidit-1b": _big(28, 1152, 16),
+    "lidit-10b": _big(48, 2816, 44),
+    # The demo: a pixel-space model small enough to train on a 2-core CPU in minutes.
+    "demo": LIDiTConfig(
+        text=TextConfig(
+            branches=(LLMBranch("SmolLM2-135M-Instruct", 576), LLMBranch("gemma-3-270m", 640)),
+            width=128, heads=4, max_tokens=48,
+        ),
+        dit=DiTConfig(depth=4, hidden=128, heads=4, patch=8, in_channels=3, pos_table=True),
+        prediction="flow", x_param=True, latent_format="pixel", steps=25, cfg=4.0,
+    ),
+    # For tests: sized for the tiny random LLMs that the test fixtures build.
+    "tiny": LIDiTConfig(
+        text=TextConfig(
+            branches=(LLMBranch("tiny-llama", 64), LLMBranch("tiny-qwen2", 48)),
+            width=32, heads=2, max_tokens=32,
+        ),
+        dit=DiTConfig(depth=2, hidden=32, heads=2, patch=2, in_channels=3, pos_table=True),
+        prediction="flow", latent_format="pixel", steps=4, cfg=2.0,
+    ),
+}
+
+
+def preset(name: str) -> LIDiTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def with_branches(config: LIDiTConfig, branches: list[LLMBranch]) -> LIDiTConfig:
+    """The same model fed by other LLMs (the refiners' input widths follow the branches)."""
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, branches=tuple(branches)))

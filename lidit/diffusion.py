@@ -1,0 +1,98 @@
+"""Training objectives and standalone samplers, in the same conventions as ComfyUI.
+
+- eps / v: DDPM with 1000 steps and the scaled-linear betas (0.00085 .. 0.012) that ComfyUI's
+  discrete sampling assumes; the network sees t = index / 1000.
+- flow: rectified flow x_t = (1 - t) x0 + t noise, target v = noise - x0 (ComfyUI's CONST flow),
+  t drawn logit-normal and warped by the config's shift.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import LIDiTConfig
+from .text import TextStates
+
+Predict = Callable[[torch.Tensor, torch.Tensor, list[TextStates]], torch.Tensor]
+DDPM_STEPS = 1000
+
+
+def ddpm_alphas_cumprod(device=None) -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, DDPM_STEPS, dtype=torch.float64, device=device) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: more time at high noise when shift > 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: list[TextStates],
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean squared error of the config's prediction at a random noise level per sample."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if config.prediction == "flow":
+        t = shift_time(torch.sigmoid(torch.randn(b, generator=generator, device=x0.device)), config.shift)
+        x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * noise
+        target = noise - x0
+    else:
+        index = torch.randint(0, DDPM_STEPS, (b,), generator=generator, device=x0.device)
+        ab = ddpm_alphas_cumprod(x0.device)[index]
+        a, s = _bcast(ab.sqrt(), x0), _bcast((1 - ab).sqrt(), x0)
+        x_t = a * x0 + s * noise
+        target = noise if config.prediction == "eps" else a * noise - s * x0
+        t = index.float() / DDPM_STEPS
+    return F.mse_loss(model(x_t, t, texts).float(), target.float())
+
+
+def guided(model: Predict, cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:
+    """Classifier-free guidance with cond and uncond in one batch."""
+    if uncond is None or cfg == 1.0:
+        return lambda x, t: model(x, t, cond)
+    both = [TextStates.cat([c, u]) for c, u in zip(cond, uncond)]
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return out_u + cfg * (out_c - out_u)
+    return predict
+
+
+@torch.no_grad()
+def sample(model: Predict, config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
+           shape: tuple[int, ...], steps: int | None = None, cfg: float | None = None, seed: int = 0,
+           device: torch.device | str = "cpu", callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Deterministic sampling: Euler for flow, DDIM (eta 0) for eps / v. Same seed, same image."""
+    steps = steps or config.steps
+    predict = guided(model, cond, uncond, config.cfg if cfg is None else cfg)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    ones = torch.ones(shape[0], device=device)
+    if config.prediction == "flow":
+        times = shift_time(torch.linspace(1.0, 0.0, steps + 1), config.shift).tolist()
+        for i in range(steps):
+            x = x + (times[i + 1] - times[i]) * predict(x, times[i] * ones).float()
+            if callback:
+                callback(i + 1, steps)
+        return x
+    acp = ddpm_alphas_cumprod()
+    indices = torch.linspace(DDPM_STEPS - 1, 0, steps).round().long().tolist()
+    for i, index in enumerate(indices):
+        ab = acp[index].item()
+        ab_prev = acp[indices[i + 1]].item() if i + 1 < steps else 1.0
+        out = predict(x, index / DDPM_STEPS * ones).float()
+        if config.prediction == "eps":
+            eps = out
+            x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+        else:
+            x0 = ab ** 0.5 * x - (1 - ab) ** 0.5 * out
+            eps = (1 - ab) ** 0.5 * x + ab ** 0.5 * out
+        x = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+        if callback:
+            callback(i + 1, steps)
+    return x

@@ -1,0 +1,72 @@
+"""LIDiTModel: the text pathway and the DiT as one module, the unit a checkpoint holds.
+
+The text pathway depends on the timestep, so it runs inside every model call: the frozen LLMs
+run once per prompt, the refiners once per sampling step, where t is known.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from .config import LIDiTConfig
+from .dit import LIDiT
+from .layers import Ops
+from .refiner import TextPathway
+from .text import TextStates
+
+X_PARAM_T_MIN = 0.05  # below this the derived velocity (x_t - x0) / t would amplify errors
+
+
+class LIDiTModel(nn.Module):
+    def __init__(self, config: LIDiTConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+        super().__init__()
+        self.config = config
+        self.text = TextPathway(config.text, ops, dtype, device)
+        self.dit = LIDiT(config.dit, config.text.width, ops, dtype, device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates]) -> torch.Tensor:
+        """t in [0, 1] (DDPM index / 1000, or the flow time). Returns the config's prediction.
+
+        With `x_param` the network predicts the clean image and this returns the velocity
+        derived from it, so samplers and hosts only ever see a plain flow model.
+        """
+        context, mask, pooled = self.text(texts, t)
+        out = self.dit(x, t, context, mask, pooled)
+        if self.config.x_param:
+            t_ = t.to(out.dtype).clamp(min=X_PARAM_T_MIN).view(-1, *([1] * (x.dim() - 1)))
+            out = (x.to(out.dtype) - out) / t_
+        return out
+
+    @torch.no_grad()
+    def init_weights(self) -> "LIDiTModel":
+        """Xavier everywhere, then zero the gates, the AdaLN outputs and the final projection.
+
+        Zero gates make every refiner an identity at the start (the paper's zero-initialised
+        gating); zero AdaLN makes every DiT block an identity (DiT's adaLN-Zero).
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for name, m in self.named_modules():
+            if name.endswith((".gates", ".adaln")) or name == "dit.final.linear":
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            if name.endswith("t_embedder.fc1") or name.endswith("t_embedder.fc2"):
+                nn.init.normal_(m.weight, std=0.02)
+        return self
+
+
+def parameter_counts(config: LIDiTConfig) -> dict[str, int]:
+    """Per top-level part, counted on the meta device so even the 10B preset costs no memory."""
+    with torch.device("meta"):
+        model = LIDiTModel(config)
+    counts: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        counts[".".join(parts[:2])] += p.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return dict(counts)

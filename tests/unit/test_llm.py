@@ -1,0 +1,74 @@
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lidit.instruction import PromptTemplate, resolve_instruction, tokenize_prompts
+from lidit.llm import encode, layers_needed, load_llm
+
+PLAIN = PromptTemplate(chat_template=False)
+
+
+def test_loader_truncates_the_decoder_and_matches_hidden_states_minus_3(tiny_llm_dirs):
+    for folder in tiny_llm_dirs.values():
+        llm = load_llm(folder)
+        assert len(llm.model.layers) == 2  # 4 layers, hidden_states[-3] is the output of layer 2
+        assert not hasattr(llm.model, "lm_head")
+        full = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        ids = llm.tokenizer(["a red circle and a blue square"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = full(ids, output_hidden_states=True).hidden_states[-3]
+            got = llm.model(ids).last_hidden_state
+        torch.testing.assert_close(got, want)
+
+
+def test_layer_index_bounds():
+    assert layers_needed(30, -3) == 28
+    assert layers_needed(30, -1) == 30 and layers_needed(30, 0) == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        layers_needed(4, -6)
+
+
+def test_loader_refuses_a_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_llm(tmp_path)
+
+
+def test_fp16_on_cpu_falls_back_with_a_warning(tiny_llm_dirs):
+    with pytest.warns(UserWarning, match="float16"):
+        llm = load_llm(tiny_llm_dirs["tiny-llama"], dtype=torch.float16)
+    assert next(llm.model.parameters()).dtype == torch.float32
+
+
+def test_prompt_span_is_exact_with_and_without_chat_template(tiny_llms):
+    for llm in tiny_llms:
+        prompt_ids = llm.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+        for template in (PromptTemplate(), PLAIN, PromptTemplate(instruction="", system_prompt="Be precise.")):
+            batch = tokenize_prompts(llm.tokenizer, ["a red circle"], template, 32)
+            assert batch.input_ids[0][batch.prompt[0]].tolist() == prompt_ids
+
+
+def test_empty_prompt_and_truncation_warning(tiny_llms):
+    llm = tiny_llms[0]
+    states = encode(llm, ["", "a red circle, a blue square and a green triangle"], PLAIN, max_tokens=4)
+    assert states.prompt[0].sum() == 0 and states.mask[0].sum() > 0
+    with pytest.warns(UserWarning, match=r"truncated to max_tokens=4 \(dropped the last \d+\)"):
+        states = encode(llm, ["a red circle, a blue square and a green triangle"], PLAIN, max_tokens=4)
+    assert states.prompt.sum() == 4
+
+
+def test_instruction_presets():
+    assert resolve_instruction("paper").startswith("Describe the image by detailing the color")
+    assert resolve_instruction("none") == ""
+    assert resolve_instruction("custom", " Draw it. ") == "Draw it."
+    with pytest.raises(ValueError, match="unknown instruction preset"):
+        resolve_instruction("fancy")
+
+
+def test_causal_llm_states_do_not_see_later_tokens(tiny_llms):
+    with warnings.catch_warnings():
+        a = encode(tiny_llms[0], ["a red circle"], PLAIN, 32)
+        b = encode(tiny_llms[0], ["a red square"], PLAIN, 32)
+    first = a.prompt[0].nonzero()[0, 0]
+    torch.testing.assert_close(a.hidden[0, first], b.hidden[0, first])

@@ -1,0 +1,155 @@
+import dataclasses
+
+import pytest
+import torch
+
+from lidit.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
+from lidit.instruction import PromptTemplate
+from lidit.llm import encode
+from lidit.model import LIDiTModel, parameter_counts
+from lidit.refiner import LinguisticTokenRefiner, TextPathway
+from lidit.text import TextStates
+
+PLAIN = PromptTemplate(chat_template=False)
+
+
+def tiny(**text_overrides) -> LIDiTConfig:
+    cfg = preset("tiny")
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text_overrides))
+
+
+def randomise_gates(module: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    for name, m in module.named_modules():
+        if name.endswith((".gates", ".adaln")) or name.endswith("final.linear"):
+            torch.nn.init.normal_(m.weight, std=0.3)
+            torch.nn.init.normal_(m.bias, std=0.3)
+
+
+def encode_all(llms, prompts, template=PLAIN):
+    return [encode(llm, prompts, template, max_tokens=32) for llm in llms]
+
+
+def test_refiner_with_zero_gates_returns_its_input_exactly(tiny_llms):
+    torch.manual_seed(0)
+    model = LIDiTModel(tiny()).init_weights()
+    text = encode_all(tiny_llms, ["a red circle and a blue square"])[0]
+    refiner: LinguisticTokenRefiner = model.text.refiners[0]
+    refined, _ = refiner(text, model.text.t_embedder(torch.tensor([0.5])))
+    assert torch.equal(refined, refiner.input_proj(text.hidden))
+
+
+def test_refiner_is_bidirectional_once_gates_open(tiny_llms):
+    torch.manual_seed(0)
+    model = LIDiTModel(tiny()).init_weights()
+    randomise_gates(model)
+    a, b = (encode_all(tiny_llms[:1], [p])[0] for p in ("a red circle and a blue square",
+                                                       "a red circle and a blue triangle"))
+    first = a.prompt[0].nonzero()[0, 0]
+    torch.testing.assert_close(a.hidden[0, first], b.hidden[0, first])  # the causal LLM cannot see the change
+    t_emb = model.text.t_embedder(torch.tensor([0.5]))
+    ra, _ = model.text.refiners[0](a, t_emb)
+    rb, _ = model.text.refiners[0](b, t_emb)
+    assert (ra[0, first] - rb[0, first]).abs().max() > 1e-4  # the refiner can
+
+
+@pytest.mark.parametrize("drop", ["after_collab", "after_llm"])
+def test_padding_invariance_and_instruction_drop(tiny_llms, drop):
+    torch.manual_seed(0)
+    model = LIDiTModel(tiny(drop_instruction=drop)).init_weights()
+    randomise_gates(model)
+    template = PromptTemplate()  # the paper's instruction, chat template where the tokenizer has one
+    short, long_ = "a red circle", "a white circle, an orange square, a red triangle and a blue circle"
+    alone = encode_all(tiny_llms, [short], template)
+    batched = encode_all(tiny_llms, [short, long_], template)
+    t = torch.tensor([0.3, 0.3])
+    ctx_alone, mask_alone, pooled_alone = model.text(alone, t[:1])
+    ctx_batch, mask_batch, pooled_batch = model.text(batched, t)
+    n_prompt = sum(int(s.prompt[0].sum()) for s in alone)
+    assert int(mask_alone[0].sum()) == ctx_alone.shape[1] == n_prompt  # only the prompt's own tokens survive
+    assert int(mask_batch[0].sum()) == n_prompt
+    torch.testing.assert_close(ctx_batch[0, :n_prompt], ctx_alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled_batch[0], pooled_alone[0], atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 3, 8, 8)
+    out_alone = model(x, t[:1], alone)
+    out_batch = model(torch.cat([x, torch.randn_like(x)]), t, batched)
+    torch.testing.assert_close(out_batch[:1], out_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_collaborative_refiner_mixes_branches_and_handles_one_branch(tiny_llms):
+    torch.manual_seed(0)
+    two = LIDiTModel(tiny()).init_weights()
+    randomise_gates(two)
+    base = encode_all(tiny_llms, ["a red circle"])
+    other = encode_all(tiny_llms, ["a blue square"])
+    t = torch.tensor([0.5])
+    ctx_a, _, _ = two.text(base, t)
+    ctx_b, _, _ = two.text([base[0], other[1]], t)  # only branch 2's prompt changes
+    n0 = int(base[0].prompt.sum())
+    assert (ctx_a[0, :n0] - ctx_b[0, :n0]).abs().max() > 1e-4  # branch 1's tokens read branch 2
+    one = LIDiTModel(with_branches(tiny(), [LLMBranch("tiny-llama", 64)])).init_weights()
+    randomise_gates(one)
+    ctx, mask, pooled = one.text(base[:1], t)
+    assert ctx.shape == (1, n0, 32) and torch.isfinite(ctx).all()
+    with pytest.raises(ValueError, match="has 1 LLM branches, got 2"):
+        one.text(base, t)
+
+
+def test_empty_prompt_gives_finite_output(tiny_llms):
+    model = LIDiTModel(tiny()).init_weights()
+    randomise_gates(model)
+    texts = encode_all(tiny_llms, [""])
+    out = model(torch.randn(1, 3, 8, 8), torch.tensor([0.7]), texts)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(16, 16), (8, 24), (12, 10)])
+def test_dit_output_shape_follows_any_size(size):
+    model = LIDiTModel(preset("tiny")).init_weights()
+    randomise_gates(model)
+    texts = [TextStates(torch.randn(2, 5, b.hidden_size), torch.ones(2, 5, dtype=torch.bool),
+                        torch.ones(2, 5, dtype=torch.bool)) for b in preset("tiny").text.branches]
+    assert model(torch.randn(2, 3, *size), torch.rand(2), texts).shape == (2, 3, *size)
+
+
+def test_checkpoint_round_trip_is_bitwise(tmp_path):
+    torch.manual_seed(0)
+    model = LIDiTModel(preset("tiny")).init_weights()
+    randomise_gates(model)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {"note": "test"})
+    loaded = load_checkpoint(path)
+    assert read_config(path) == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+
+
+def test_checkpoint_with_a_wrong_shape_names_the_key_and_both_shapes(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = LIDiTModel(preset("tiny")).init_weights()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model)
+    state = load_file(path)
+    state["dit.final.linear.weight"] = torch.zeros(5, 32)
+    save_file(state, path, metadata={"lidit_config": model.config.to_json()})
+    with pytest.raises(CheckpointError, match=r"'dit.final.linear.weight' has shape \(5, 32\), the model expects \(12, 32\)"):
+        load_checkpoint(path)
+    del state["dit.final.linear.weight"]
+    save_file(state, path, metadata={"lidit_config": model.config.to_json()})
+    with pytest.raises(CheckpointError, match="lacks the weight 'dit.final.linear.weight'"):
+        load_checkpoint(path)
+
+
+def test_config_json_round_trip_and_validation():
+    for name in ("tiny", "demo", "lidit-1b", "lidit-10b"):
+        cfg = preset(name)
+        assert LIDiTConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="x_param is only defined"):
+        dataclasses.replace(preset("lidit-1b"), x_param=True)
+
+
+def test_preset_parameter_counts():
+    assert abs(parameter_counts(preset("lidit-1b"))["total"] - 1.0e9) <= 0.15e9
+    assert abs(parameter_counts(preset("lidit-10b"))["total"] - 1.0e10) <= 0.15e10
