@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The models here are tiny: extra threads only add overhead, and oversubscribe a busy 2-core machine.
+torch.set_num_threads(1)
+
 CORPUS = [
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
     "and spatial relationships of the objects:",
