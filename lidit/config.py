@@ -76,7 +76,8 @@ class LIDiTConfig:
     `x_param` (flow only) makes the network predict the clean image and derives the velocity
     from it, which trains better in pixel space with large patches. `shift` is the flow
     schedule shift; `latent_format` tells hosts how to decode (pixel = RGB in [-1, 1]).
-    `steps`/`cfg` are sampling defaults recorded by whoever trained the weights.
+    `resolution` (pixels) and `steps`/`cfg` are the training size and the sampling defaults,
+    recorded by whoever trained the weights.
     """
 
     text: TextConfig
@@ -85,6 +86,7 @@ class LIDiTConfig:
     x_param: bool = False
     shift: float = 1.0
     latent_format: str = "sd3"
+    resolution: int = 256
     steps: int = 30
     cfg: float = 4.5
 
@@ -121,19 +123,19 @@ class LIDiTConfig:
         return cls.from_dict(json.loads(s))
 
 
-def _big(depth: int, hidden: int, heads: int) -> LIDiTConfig:
+def _big(depth: int, hidden: int, heads: int, resolution: int) -> LIDiTConfig:
     """The paper's presets: LLaMA3-8B and Qwen1.5-7B, 16-channel 8x latents, eps prediction."""
     branches = (LLMBranch("Meta-Llama-3-8B-Instruct", 4096), LLMBranch("Qwen1.5-7B-Chat", 4096))
     return LIDiTConfig(
         text=TextConfig(branches=branches, width=hidden, heads=heads),
         dit=DiTConfig(depth=depth, hidden=hidden, heads=heads, patch=2, in_channels=16),
-        prediction="eps", latent_format="sd3",
+        prediction="eps", latent_format="sd3", resolution=resolution,
     )
 
 
 PRESETS: dict[str, LIDiTConfig] = {
-    "lidit-1b": _big(28, 1152, 16),
-    "lidit-10b": _big(48, 2816, 44),
+    "lidit-1b": _big(28, 1152, 16, 256),
+    "lidit-10b": _big(48, 2816, 44, 1024),
     # The demo: a pixel-space model small enough to train on a 2-core CPU in minutes.
     "demo": LIDiTConfig(
         text=TextConfig(
@@ -141,7 +143,7 @@ PRESETS: dict[str, LIDiTConfig] = {
             width=128, heads=4, max_tokens=48,
         ),
         dit=DiTConfig(depth=4, hidden=128, heads=4, patch=8, in_channels=3, pos_table=True),
-        prediction="flow", x_param=True, latent_format="pixel", steps=25, cfg=4.0,
+        prediction="flow", x_param=True, latent_format="pixel", resolution=64, steps=25, cfg=4.0,
     ),
     # For tests: sized for the tiny random LLMs that the test fixtures build.
     "tiny": LIDiTConfig(
@@ -150,7 +152,7 @@ PRESETS: dict[str, LIDiTConfig] = {
             width=32, heads=2, max_tokens=32,
         ),
         dit=DiTConfig(depth=2, hidden=32, heads=2, patch=2, in_channels=3, pos_table=True),
-        prediction="flow", latent_format="pixel", steps=4, cfg=2.0,
+        prediction="flow", latent_format="pixel", resolution=16, steps=4, cfg=2.0,
     ),
 }
 

@@ -1,7 +1,8 @@
 """Frozen LLMs as prompt encoders, loaded from local HF-format folders only.
 
-The decoder stack is cut right after the layer whose output we use, so the layers after it are
-neither loaded nor computed, and no LM head is built (AutoModel is the bare decoder).
+No LM head is ever built (AutoModel is the bare decoder). When the caller knows the layer up
+front, the decoder stack is cut right after it at load time; either way, encoding stops at the
+requested layer, so the layers after it are never computed.
 """
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from .instruction import PromptTemplate, tokenize_prompts
 from .text import TextStates
 
 
+class _Stop(Exception):
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
 @dataclass
 class LLM:
-    model: nn.Module
+    model: nn.Module         # decoder with its final norm replaced by Identity
     tokenizer: object
     name: str
-    layer: int
+    total_layers: int        # of the original model: layer indices refer to it
+    final_norm: nn.Module    # applied only for the very last hidden state, as transformers does
 
     @property
     def hidden_size(self) -> int:
@@ -50,9 +57,13 @@ def safe_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
-def load_llm(path: str | os.PathLike, layer: int = -3, dtype: torch.dtype = torch.float32,
+def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", trust_remote_code: bool = False) -> LLM:
-    """Local files only; `trust_remote_code` stays off unless the caller turns it on."""
+    """Local files only; `trust_remote_code` stays off unless the caller turns it on.
+
+    `layer` (an index into `hidden_states`) drops the layers after it; None keeps them all, for
+    callers that pick the layer per encode.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -63,7 +74,7 @@ def load_llm(path: str | os.PathLike, layer: int = -3, dtype: torch.dtype = torc
     config = AutoConfig.from_pretrained(path, **kw)
     text_config = config.get_text_config()
     total = text_config.num_hidden_layers
-    keep = layers_needed(total, layer)
+    keep = total if layer is None else layers_needed(total, layer)
     text_config.num_hidden_layers = keep
     if isinstance(getattr(text_config, "layer_types", None), list):
         text_config.layer_types = text_config.layer_types[:keep]
@@ -73,19 +84,43 @@ def load_llm(path: str | os.PathLike, layer: int = -3, dtype: torch.dtype = torc
         model = AutoModel.from_pretrained(path, config=config, dtype=safe_dtype(dtype, device), **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if keep < total:  # hidden_states[i < total] are raw layer outputs; only the last one is normed
-        if not isinstance(getattr(model, "norm", None), nn.Module):
-            raise NotImplementedError(f"{type(model).__name__}: cannot find its final norm to bypass")
-        model.norm = nn.Identity()
+    final_norm = getattr(model, "norm", None)
+    if not isinstance(final_norm, nn.Module) or not isinstance(getattr(model, "layers", None), nn.ModuleList):
+        raise NotImplementedError(f"{type(model).__name__} has no `layers` + `norm` decoder layout to cut")
+    model.norm = nn.Identity()  # hidden_states[i < total] are raw layer outputs; only the last is normed
     model.requires_grad_(False).eval().to(device)
+    final_norm.requires_grad_(False).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    return LLM(model, tokenizer, path.name, layer)
+    return LLM(model, tokenizer, path.name, total, final_norm)
+
+
+def _run_to_layer(llm: LLM, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """hidden_states[k]: the input of decoder layer k, caught by a hook that stops the forward."""
+    loaded = len(llm.model.layers)
+    if k > loaded:
+        raise ValueError(f"{llm.name} was loaded with {loaded} of {llm.total_layers} layers; "
+                         f"hidden layer index {k} needs {k}: load it with more layers")
+    if k == loaded:
+        hidden = llm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return llm.final_norm(hidden) if k == llm.total_layers else hidden
+
+    def stop(_module, args, kwargs):
+        raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+    handle = llm.model.layers[k].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        llm.model(input_ids=input_ids, attention_mask=mask)
+    except _Stop as caught:
+        return caught.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{llm.name}: decoder layer {k} was never reached")
 
 
 @torch.no_grad()
-def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: int) -> TextStates:
-    """Hidden states of the chosen layer for a batch of prompts, on the LLM's device, in float32."""
+def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: int, layer: int = -3) -> TextStates:
+    """Hidden states `hidden_states[layer]` for a batch of prompts, on the LLM's device, in float32."""
     batch = tokenize_prompts(llm.tokenizer, prompts, template, max_tokens)
-    out = llm.model(input_ids=batch.input_ids.to(llm.device), attention_mask=batch.mask.long().to(llm.device))
-    hidden = out.last_hidden_state.float() * batch.mask.to(llm.device)[..., None]
-    return TextStates(hidden, batch.mask.to(llm.device), batch.prompt.to(llm.device))
+    mask = batch.mask.to(llm.device)
+    hidden = _run_to_layer(llm, batch.input_ids.to(llm.device), mask.long(), layers_needed(llm.total_layers, layer))
+    return TextStates(hidden.float() * mask[..., None], mask, batch.prompt.to(llm.device))

@@ -72,3 +72,25 @@ def test_causal_llm_states_do_not_see_later_tokens(tiny_llms):
         b = encode(tiny_llms[0], ["a red square"], PLAIN, 32)
     first = a.prompt[0].nonzero()[0, 0]
     torch.testing.assert_close(a.hidden[0, first], b.hidden[0, first])
+
+
+def test_any_layer_of_a_fully_loaded_llm_matches_transformers(tiny_llm_dirs):
+    folder = tiny_llm_dirs["tiny-qwen2"]
+    llm = load_llm(folder, layer=None)
+    assert len(llm.model.layers) == 4
+    full = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    prompt = "a red circle and a blue square"
+    ids = llm.tokenizer([prompt], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = full(ids, output_hidden_states=True).hidden_states
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in llm.model.layers]
+    for layer in (-1, -3, 1, 0):
+        calls.clear()
+        got = encode(llm, [prompt], PromptTemplate(instruction="", chat_template=False), 32, layer=layer)
+        torch.testing.assert_close(got.hidden[0], want[layer][0])
+        assert len(calls) == layers_needed(4, layer)  # the layers after the chosen one never run
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="loaded with 2 of 4 layers"):
+        encode(load_llm(folder), [prompt], PLAIN, 32, layer=-1)
