@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PAPER_INSTRUCTION
+from .config import PAPER_INSTRUCTION, TextConfig
 
 INSTRUCTION_PRESETS = {"paper": PAPER_INSTRUCTION, "none": ""}
 _SLOT = "\x00PROMPT\x00"
@@ -22,6 +22,11 @@ class PromptTemplate:
     instruction: str = PAPER_INSTRUCTION
     system_prompt: str = ""
     chat_template: bool = True
+
+    @classmethod
+    def of(cls, text: TextConfig) -> "PromptTemplate":
+        """The scaffolding a checkpoint was trained with."""
+        return cls(text.instruction, text.system_prompt, text.chat_template)
 
 
 def resolve_instruction(preset: str, custom: str = "") -> str:
