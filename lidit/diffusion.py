@@ -67,11 +67,18 @@ def guided(model: Predict, cond: list[TextStates], uncond: list[TextStates] | No
 @torch.no_grad()
 def sample(model: Predict, config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
            shape: tuple[int, ...], steps: int | None = None, cfg: float | None = None, seed: int = 0,
-           device: torch.device | str = "cpu", callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Deterministic sampling: Euler for flow, DDIM (eta 0) for eps / v. Same seed, same image."""
+           device: torch.device | str = "cpu", callback: Callable[[int, int], None] | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic sampling: Euler for flow, DDIM (eta 0) for eps / v. Same seed, same image.
+
+    `noise` replaces the seeded starting noise (e.g. one seed per image of a batch).
+    """
     steps = steps or config.steps
     predict = guided(model, cond, uncond, config.cfg if cfg is None else cfg)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = noise.to(device)
+    shape = x.shape
     ones = torch.ones(shape[0], device=device)
     if config.prediction == "flow":
         times = shift_time(torch.linspace(1.0, 0.0, steps + 1), config.shift).tolist()
