@@ -58,11 +58,13 @@ def safe_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
 
 
 def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", trust_remote_code: bool = False) -> LLM:
+             device: torch.device | str = "cpu", trust_remote_code: bool = False,
+             compute_device: torch.device | str | None = None) -> LLM:
     """Local files only; `trust_remote_code` stays off unless the caller turns it on.
 
     `layer` (an index into `hidden_states`) drops the layers after it; None keeps them all, for
-    callers that pick the layer per encode.
+    callers that pick the layer per encode. `compute_device` is where the model will run when a
+    host parks it on `device` in between (default: `device`); the fp16 fallback is judged there.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -81,7 +83,7 @@ def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the weights of the cut layers and the LM head are skipped on purpose
     try:
-        model = AutoModel.from_pretrained(path, config=config, dtype=safe_dtype(dtype, device), **kw)
+        model = AutoModel.from_pretrained(path, config=config, dtype=safe_dtype(dtype, compute_device or device), **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
     final_norm = getattr(model, "norm", None)

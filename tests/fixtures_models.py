@@ -1,0 +1,100 @@
+"""Tiny random models for tests, built offline in seconds: HF LLM folders and LI-DiT checkpoints.
+
+Shared by the unit ring (tests/unit/conftest.py) and the host ring (tests/host/lidit_assets.py),
+so both test the same kind of model. Everything is seeded: the same call builds the same files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lidit.checkpoint import save_checkpoint
+from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
+from lidit.model import LIDiTModel
+
+CORPUS = [
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:",
+    "a red circle, a blue square and a green triangle", "a yellow square", "a magenta triangle and a cyan circle",
+    "a white circle, an orange square, a red triangle and a blue circle", "to the left a red circle, then a blue square",
+]
+
+#: decoder architectures a tiny LLM can have (all expose the `layers` + `norm` layout lidit cuts)
+ARCHS = ("llama", "qwen2", "gemma3")
+
+
+def tiny_tokenizer(chat: bool):
+    """A byte-level BPE trained on CORPUS; `chat` adds a ChatML template, otherwise it prepends BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if not chat:  # Llama-style: the tokenizer itself prepends BOS
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:  # ChatML, as Qwen2 and SmolLM2 use
+        fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+def build_tiny_llm(folder: str | Path, arch: str, hidden: int, chat: bool, layers: int = 4) -> Path:
+    """Save a random `arch` decoder (with LM head) and its tokenizer as an HF folder."""
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[arch]
+    tok = tiny_tokenizer(chat)
+    extra = {"head_dim": hidden // 4, "sliding_window": 16} if arch == "gemma3" else {}
+    cfg = config_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     **extra)
+    torch.manual_seed(0)
+    folder = Path(folder)
+    model_cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def llm_branch(folder: str | Path, layer: int = -3) -> LLMBranch:
+    """The branch an HF folder makes: its folder name and hidden size (from config.json)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    hidden = config.get("hidden_size") or config["text_config"]["hidden_size"]
+    return LLMBranch(Path(folder).name, int(hidden), layer)
+
+
+def tiny_config(branches: list[LLMBranch], prediction: str = "flow", **overrides) -> LIDiTConfig:
+    """The demo's geometry (64 px pixel space, patch 8, so 64 tokens) at the tiny preset's widths."""
+    base = with_branches(preset("tiny"), branches)
+    x_param = overrides.pop("x_param", prediction == "flow")
+    return dataclasses.replace(base, dit=dataclasses.replace(base.dit, patch=8), prediction=prediction,
+                               x_param=x_param, resolution=64, steps=4, cfg=2.0, **overrides)
+
+
+def build_tiny_checkpoint(path: str | Path, config: LIDiTConfig, seed: int = 0) -> Path:
+    """A random checkpoint whose every gate is open (a fresh init zeroes them), so every part
+    of the model changes the output and a plumbing error cannot hide behind a zero."""
+    torch.manual_seed(seed)
+    model = LIDiTModel(config).init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model, extra={"note": "tiny random test checkpoint"})
+    return path
