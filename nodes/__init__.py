@@ -1,0 +1,24 @@
+"""The pack's nodes: thin adapters that parse inputs, call `lidit`, and wrap the outputs."""
+from .encode import LIDiTInstructedEncode
+from .llm import LIDiTLLMLoader
+from .model import LIDiTLoader
+from .sample import LIDiTSampler
+from .text import LIDiTCollaborativeFusion, LIDiTTokenRefiner
+
+NODE_CLASS_MAPPINGS = {
+    "LIDiTLLMLoader": LIDiTLLMLoader,
+    "LIDiTInstructedEncode": LIDiTInstructedEncode,
+    "LIDiTTokenRefiner": LIDiTTokenRefiner,
+    "LIDiTCollaborativeFusion": LIDiTCollaborativeFusion,
+    "LIDiTLoader": LIDiTLoader,
+    "LIDiTSampler": LIDiTSampler,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LIDiTLLMLoader": "LI-DiT LLM Loader",
+    "LIDiTInstructedEncode": "LI-DiT Instructed Encode",
+    "LIDiTTokenRefiner": "LI-DiT Linguistic Token Refiner",
+    "LIDiTCollaborativeFusion": "LI-DiT Collaborative Fusion",
+    "LIDiTLoader": "LI-DiT Loader",
+    "LIDiTSampler": "LI-DiT Sampler",
+}

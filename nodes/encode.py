@@ -1,0 +1,81 @@
+"""LI-DiT Instructed Encode: one prompt through one LLM, with the paper's instruction around it.
+
+The LLM runs here, once per prompt (ComfyUI caches the result until an input changes); the
+timestep-conditioned refiners run later, inside the model at every sampling step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_management as mm
+
+from ..lidit.instruction import INSTRUCTION_PRESETS, PromptTemplate, resolve_instruction
+from ..lidit.llm import encode
+from ..lidit.text import TextStates
+from .llm import LoadedLLM
+
+
+@dataclass(frozen=True)
+class BranchIdentity:
+    """Which LLM produced the states, and how: what a checkpoint's branch is checked against."""
+
+    llm_name: str
+    hidden_size: int
+    layer: int
+    template: PromptTemplate
+
+    def describe(self) -> str:
+        return f"{self.llm_name} (hidden {self.hidden_size})"
+
+
+@dataclass(eq=False)
+class EncodedText:
+    """The LIDIT_TEXT value: the LLM's states of one prompt (batch 1) and where they came from."""
+
+    states: TextStates
+    identity: BranchIdentity
+
+
+class LIDiTInstructedEncode:
+    DESCRIPTION = ("Encodes one prompt with an LLM, wrapped in the instruction, system prompt and chat template "
+                   "(paper §3.1). Use one for the positive and one for the negative prompt; an empty text is fine.")
+    CATEGORY = "LI-DiT"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LIDIT_TEXT",)
+    RETURN_NAMES = ("text",)
+    OUTPUT_TOOLTIPS = ("The LLM's hidden states of the prompt (instruction tokens included, flagged), "
+                       "for an LI-DiT Linguistic Token Refiner.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "llm": ("LIDIT_LLM", {"tooltip": "From an LI-DiT LLM Loader."}),
+            "text": ("STRING", {"multiline": True, "default": "",
+                                "tooltip": "The prompt. May be empty (e.g. for the negative prompt)."}),
+            "instruction": ([*INSTRUCTION_PRESETS, "custom"], {
+                "default": "paper",
+                "tooltip": "Instruction put before the prompt. paper: the LI-DiT instruction the demo was trained "
+                           "with; none: no instruction; custom: the custom_instruction text."}),
+            "custom_instruction": ("STRING", {"multiline": True, "default": "",
+                                              "tooltip": "Used only when instruction is 'custom'."}),
+            "system_prompt": ("STRING", {"multiline": True, "default": "",
+                                         "tooltip": "Optional system turn of the chat template (or a plain prefix "
+                                                    "without a template). Empty: none."}),
+            "chat_template": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Wrap the prompt in the tokenizer's chat template, if it has one."}),
+            "hidden_layer": ("INT", {"default": -3, "min": -1000, "max": 1000,
+                                     "tooltip": "Which hidden state to take: -1 is the last layer (normed), -3 the "
+                                                "paper's choice; 0 is the embeddings. Use the layer the checkpoint "
+                                                "was trained with."}),
+            "max_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
+                                   "tooltip": "Longest prompt in tokens; longer prompts are cut, with a warning."}),
+        }}
+
+    def encode(self, llm: LoadedLLM, text: str, instruction: str, custom_instruction: str, system_prompt: str,
+               chat_template: bool, hidden_layer: int, max_tokens: int) -> tuple[EncodedText]:
+        template = PromptTemplate(resolve_instruction(instruction, custom_instruction), system_prompt.strip(),
+                                  chat_template)
+        mm.load_model_gpu(llm.patcher)
+        mm.throw_exception_if_processing_interrupted()
+        states = encode(llm.llm, [text], template, max_tokens, hidden_layer).to(mm.intermediate_device())
+        return (EncodedText(states, BranchIdentity(llm.name, llm.hidden_size, hidden_layer, template)),)
