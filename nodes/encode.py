@@ -75,7 +75,8 @@ class LIDiTInstructedEncode:
                chat_template: bool, hidden_layer: int, max_tokens: int) -> tuple[EncodedText]:
         template = PromptTemplate(resolve_instruction(instruction, custom_instruction), system_prompt.strip(),
                                   chat_template)
-        mm.load_model_gpu(llm.patcher)
+        # whole: transformers modules cannot stream weights per layer as comfy.ops layers do
+        mm.load_models_gpu([llm.patcher], force_full_load=True)
         mm.throw_exception_if_processing_interrupted()
         states = encode(llm.llm, [text], template, max_tokens, hidden_layer).to(mm.intermediate_device())
         return (EncodedText(states, BranchIdentity(llm.name, llm.hidden_size, hidden_layer, template)),)

@@ -25,14 +25,10 @@ def register_model_folders() -> None:
     folder_paths.add_model_folder_path("diffusion_models", str(PACK_CHECKPOINT_DIR))
 
 
-def llm_roots() -> list[str]:
-    return folder_paths.get_folder_paths(LLM_KEY) if LLM_KEY in folder_paths.folder_names_and_paths else []
-
-
 def llm_names() -> list[str]:
     """Every folder directly inside a registered LLM folder that holds a config.json, each name once."""
     names = set()
-    for root in llm_roots():
+    for root in folder_paths.get_folder_paths(LLM_KEY):
         if os.path.isdir(root):
             names.update(e.name for e in os.scandir(root)
                          if e.is_dir() and os.path.isfile(os.path.join(e.path, "config.json")))
@@ -43,7 +39,7 @@ def resolve_llm(name: str) -> Path:
     """The folder of an LLM name, looked up only inside the registered LLM folders."""
     if not name or name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
         raise ValueError(f"LLM name {name!r} must be the name of a folder inside models/LLM, not a path")
-    roots = llm_roots()
+    roots = folder_paths.get_folder_paths(LLM_KEY)
     for root in roots:
         folder = Path(root) / name
         if (folder / "config.json").is_file():

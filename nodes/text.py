@@ -89,6 +89,10 @@ def route_branches(config: LIDiTConfig, slots: list[RoutedText | None]) -> list[
                             k, want.layer, want.name, got_id.layer)
     trained = PromptTemplate(config.text.instruction, config.text.system_prompt, config.text.chat_template)
     for text in ordered:
+        tokens = int(text.states.prompt.sum())
+        if tokens > config.text.max_tokens:
+            logging.warning("LI-DiT: the %s prompt has %d tokens, the checkpoint was trained on at most %d",
+                            text.identity.llm_name, tokens, config.text.max_tokens)
         differs = [f for f in ("instruction", "system_prompt", "chat_template")
                    if getattr(text.identity.template, f) != getattr(trained, f)]
         if differs:

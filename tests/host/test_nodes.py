@@ -203,14 +203,17 @@ def test_fp16_llm_on_cpu_falls_back_with_a_warning(comfy_server, lidit_assets) -
     assert "float16 is not supported well on CPU; using float32" in comfy_server.log_text(since=mark)
 
 
-def test_a_layer_or_template_other_than_the_trained_one_warns(comfy_server, lidit_assets) -> None:
+def test_differences_from_training_are_warned(comfy_server, lidit_assets) -> None:
     graph = paper(steps=1)
     graph[POS_SMOL]["inputs"].update(hidden_layer=-2, instruction="none")
+    graph[POS_GEMMA]["inputs"]["text"] = ", ".join(["a red circle and a blue square"] * 12)
     mark = comfy_server.log_size()
     comfy_server.run(graph, timeout=120)
     log = comfy_server.log_text(since=mark)
     assert f"refiner 0 was trained on hidden layer -3 of {assets.SMOL}, gets layer -2" in log
     assert f"the {assets.SMOL} text was encoded with another instruction than the checkpoint was trained with" in log
+    trained = lidit_assets.config(assets.DEMO).text.max_tokens
+    assert f"the {assets.GEMMA} prompt has " in log and f"tokens, the checkpoint was trained on at most {trained}" in log
 
 
 def test_explicit_refiner_index_routes_swapped_branches(comfy_server, lidit_assets) -> None:
