@@ -140,7 +140,7 @@ PRESETS: dict[str, LIDiTConfig] = {
     "demo": LIDiTConfig(
         text=TextConfig(
             branches=(LLMBranch("SmolLM2-135M-Instruct", 576), LLMBranch("gemma-3-270m", 640)),
-            width=128, heads=4, max_tokens=48,
+            width=128, heads=4, max_tokens=48, chat_template=False,
         ),
         dit=DiTConfig(depth=4, hidden=128, heads=4, patch=8, in_channels=3, pos_table=True),
         prediction="flow", x_param=True, latent_format="pixel", resolution=64, steps=25, cfg=4.0,
