@@ -97,6 +97,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     mixed_precision: str = "auto"       # auto (bf16 on GPU) | bf16 | no
     threads: int | None = None          # torch.set_num_threads
+    llm_threads: int | None = None      # threads while encoding features (default: threads)
     llm_batch_size: int = 64
     llm_dtype: str = "auto"             # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
     feature_dtype: str = "float16"
@@ -425,6 +426,9 @@ def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path]
     llm_dtype = (torch.bfloat16 if d.device.type == "cuda" else torch.float32) if cfg.llm_dtype == "auto" \
         else DTYPES[cfg.llm_dtype]
     tables, stats = [], []
+    threads = torch.get_num_threads()
+    if cfg.llm_threads:
+        torch.set_num_threads(cfg.llm_threads)
     wanted = list(dict.fromkeys([""] + captions))  # "" = the dropped caption and the unconditional input
     for folder, branch in zip(folders, model_cfg.text.branches):
         cache = FeatureCache(Path(cfg.cache_dir) / "features", folder, branch.layer, template,
@@ -443,7 +447,7 @@ def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path]
                 say(d, f"features: {branch.name}: {done}/{total} on rank 0 ({rate:.1f} captions/s)")
 
         cache.build(todo[d.rank::d.world],
-                    lambda folder=folder, branch=branch: load_llm(folder, layer=branch.layer, dtype=llm_dtype, device=d.device),
+                    lambda folder=folder, branch=branch: _quiet_load(folder, branch.layer, llm_dtype, d.device),
                     batch_size=cfg.llm_batch_size, write_prefix=d.main, progress=progress)
         d.barrier()
         tables.append(cache.load(wanted))
@@ -451,7 +455,21 @@ def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path]
                       **cache.stats})
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
+    torch.set_num_threads(threads)
     return tables, stats
+
+
+def _quiet_load(folder: Path, layer: int, dtype: torch.dtype, device: torch.device):
+    """load_llm without transformers' per-load progress bars in the training log."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_llm(folder, layer=layer, dtype=dtype, device=device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class EMA:
@@ -610,8 +628,9 @@ def load_resume(path: Path, model_cfg: LIDiTConfig, named, ema: EMA, opt, stream
 # progress
 # ------------------------------------------------------------------------------------------------
 class Progress:
-    def __init__(self, mode: str, total: int, initial: int, every: int, enabled: bool) -> None:
-        self.bar, self.every, self.enabled, self.total = None, max(1, every), enabled, total
+    def __init__(self, mode: str, total: int, initial: int, every: int, enabled: bool,
+                 deadline: float | None = None) -> None:
+        self.bar, self.every, self.enabled, self.total, self.deadline = None, max(1, every), enabled, total, deadline
         if mode == "auto":
             mode = "tqdm" if sys.stderr.isatty() else "plain"
         self.mode = mode if enabled else "none"
@@ -631,6 +650,8 @@ class Progress:
         elif self.mode == "plain" and loss is not None:
             rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - step) / max(rate, 1e-9)
+            if self.deadline is not None:  # the wall-clock budget ends the run first
+                eta = max(0.0, min(eta, self.deadline - time.time()))
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} it/s  "
                   f"eta {int(eta // 60)}:{int(eta % 60):02d}", file=sys.stderr, flush=True)
 
@@ -694,7 +715,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         kept = [] if not resume or not log_path.exists() else [
             line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in kept))
-    progress = Progress(cfg.progress, cfg.steps, step, cfg.log_every, d.main)
+    progress = Progress(cfg.progress, cfg.steps, step, cfg.log_every, d.main, started + budget if budget else None)
     start_step, t_loop = step, time.perf_counter()
     last_loss = float("nan")
     grad_norm = torch.zeros(())
