@@ -5,7 +5,6 @@ describes and names the first offending key, so a truncated or foreign file fail
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 

@@ -8,7 +8,7 @@ from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
 from lidit.instruction import PromptTemplate
 from lidit.llm import encode
 from lidit.model import LIDiTModel, parameter_counts
-from lidit.refiner import LinguisticTokenRefiner, TextPathway
+from lidit.refiner import LinguisticTokenRefiner
 from lidit.text import TextStates
 
 PLAIN = PromptTemplate(chat_template=False)
