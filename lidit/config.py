@@ -149,7 +149,7 @@ PRESETS: dict[str, LIDiTConfig] = {
     "tiny": LIDiTConfig(
         text=TextConfig(
             branches=(LLMBranch("tiny-llama", 64), LLMBranch("tiny-qwen2", 48)),
-            width=32, heads=2, max_tokens=32,
+            width=32, heads=2, max_tokens=32, chat_template=False,
         ),
         dit=DiTConfig(depth=2, hidden=32, heads=2, patch=2, in_channels=3, pos_table=True),
         prediction="flow", latent_format="pixel", resolution=16, steps=4, cfg=2.0,

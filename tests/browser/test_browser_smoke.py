@@ -3,7 +3,6 @@ the API prompt we expect, and that prompt runs on the server."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from harness import ComfyServer, image_size
 pytestmark = [pytest.mark.browser, pytest.mark.host]
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> ComfyServer:
-    """The same server as tests/host (harness.session_server is a per-process singleton)."""
-    if os.environ.get("LIDIT_SKIP_BROWSER") == "1":
-        pytest.skip("LIDIT_SKIP_BROWSER=1")
-    why = harness.browser_missing()
-    if why:
-        pytest.fail(why)
-    pytestconfig.add_cleanup(harness.stop_session_server)
-    return harness.session_server(tmp_path_factory.getbasetemp() / "comfy")
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,6 @@ SETTINGS = {"LiteGraph.Canvas.MinFontSizeForLOD": 1, "Comfy.Minimap.Visible": Fa
 UI_FILES = sorted(graphs.WORKFLOWS.glob("*.json"))
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> ComfyServer:
-    """The same server as tests/host (harness.session_server is a per-process singleton)."""
-    if os.environ.get("LIDIT_SKIP_BROWSER") == "1":
-        pytest.skip("LIDIT_SKIP_BROWSER=1")
-    why = harness.browser_missing()
-    if why:
-        pytest.fail(why)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as tests/host/conftest.py, when run alone
-    pytestconfig.add_cleanup(harness.stop_session_server)
-    return harness.session_server(tmp_path_factory.getbasetemp() / "comfy")
-
-
 @pytest.fixture(scope="module")
 def loaded(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """{workflow stem: load_workflows.mjs result}, with the model names the workflows use installed
