@@ -33,9 +33,18 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
+FLOW_LOSSES = ("v", "x0")
+
+
 def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: list[TextStates],
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean squared error of the config's prediction at a random noise level per sample."""
+                  generator: torch.Generator | None = None, flow_loss: str = "v") -> torch.Tensor:
+    """Mean squared error of the config's prediction at a random noise level per sample.
+
+    Flow only: `flow_loss="x0"` scores the implied clean image instead of the velocity, which is
+    the velocity error weighted by t^2: more weight on the noisy steps where layout is decided.
+    """
+    if flow_loss not in FLOW_LOSSES:
+        raise ValueError(f"flow_loss must be one of {FLOW_LOSSES}, got {flow_loss!r}")
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if config.prediction == "flow":
@@ -49,7 +58,10 @@ def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: 
         x_t = a * x0 + s * noise
         target = noise if config.prediction == "eps" else a * noise - s * x0
         t = index.float() / DDPM_STEPS
-    return F.mse_loss(model(x_t, t, texts).float(), target.float())
+    error = (model(x_t, t, texts).float() - target.float()) ** 2
+    if config.prediction == "flow" and flow_loss == "x0":
+        error = error * _bcast(t, error) ** 2
+    return error.mean()
 
 
 def guided(model: Predict, cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:

@@ -195,6 +195,26 @@ class FeatureTable:
     def hidden_size(self) -> int:
         return self.prefix.shape[-1]
 
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of every channel over the captions' own tokens, for `FeatureNorm`.
+
+        The shared template prefix is left out: it is the same for every caption, and its BOS
+        token alone would inflate the std of the massive channels. Float64 sums, because raw
+        values near 1e5 squared lose float32 precision.
+        """
+        d = self.hidden_size
+        total, sq, n = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
+        for suffix, _ in self.entries.values():
+            x = suffix.double()
+            total += x.sum(0)
+            sq += (x * x).sum(0)
+            n += x.shape[0]
+        if n < 2:
+            raise ValueError("channel statistics need at least two caption tokens")
+        mean = total / n
+        std = (sq / n - mean * mean).clamp(min=0).sqrt()
+        return mean.float(), std.clamp(min=1e-3 * float(std.mean())).float()
+
     def states(self, captions: Sequence[str], device: torch.device | str = "cpu") -> TextStates:
         """The TextStates that `lidit.llm.encode` gives for these captions (float32)."""
         lp, d = self.prefix.shape

@@ -5,7 +5,8 @@ collaborative refiner lets each LLM branch read the others; then the scaffolding
 dropped and the branches are concatenated along the sequence into the DiT's context.
 
 Choices where the paper is silent:
-- every branch is first projected to one `width` (LLMs differ in hidden size);
+- every branch is first standardised (`FeatureNorm`) and projected to one `width` (LLMs differ in
+  hidden size and in scale);
 - the gate input is the *masked* mean of the LLM features (projected) + the timestep embedding;
 - gates are per residual branch (attention, FFN), computed from that vector by a zero-initialised
   Linear, so a fresh refiner is the identity on its projected input;
@@ -21,6 +22,33 @@ from torch import nn
 from .config import TextConfig
 from .layers import MLP, Attention, Ops, TimestepEmbedder, layer_norm, masked_mean
 from .text import TextStates, pack_left
+
+
+class FeatureNorm(nn.Module):
+    """Standardise every LLM channel with fixed statistics, then every token to unit RMS.
+
+    LLM hidden states carry massive activations: one channel thousands of times larger than the
+    rest (Gemma-3-270M's channel 163 sits near 25,000, SmolLM2-135M's largest near 540, and the
+    BOS token is larger still). Fed raw into a Linear, that channel swamps both the prompt's signal
+    and the gradient, and gradient clipping then throttles every other weight. The statistics are
+    measured once on the training captions' features (`set_stats`) and travel in the checkpoint
+    as buffers; the defaults (mean 0, std 1) leave the channels as they are. Computed in float32
+    whatever the weights' dtype, because the raw values overflow float16 arithmetic.
+    """
+
+    def __init__(self, dim: int, device=None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, device=device))
+        self.register_buffer("std", torch.ones(dim, device=device))
+
+    @torch.no_grad()
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean.float()) / self.std.float()
+        return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
 class GatedBlock(nn.Module):
@@ -53,6 +81,7 @@ class LinguisticTokenRefiner(nn.Module):
     def __init__(self, llm_dim: int, cfg: TextConfig, ops: Ops = nn, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(dtype=dtype, device=device)
+        self.feature_norm = FeatureNorm(llm_dim, device=device)
         self.input_proj = ops.Linear(llm_dim, cfg.width, **f)
         self.pool_proj = ops.Linear(llm_dim, cfg.width, **f)
         self.blocks = nn.ModuleList(
@@ -60,7 +89,7 @@ class LinguisticTokenRefiner(nn.Module):
 
     def forward(self, text: TextStates, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the refined tokens and the (pooled text + timestep) vector `c` that gated them."""
-        hidden = text.hidden.to(self.input_proj.weight.dtype)
+        hidden = self.feature_norm(text.hidden).to(self.input_proj.weight.dtype)
         c = t_emb + self.pool_proj(masked_mean(hidden, text.mask))
         x = self.input_proj(hidden)
         for block in self.blocks:
@@ -96,6 +125,11 @@ class TextPathway(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.width, **f)
         self.refiners = nn.ModuleList(LinguisticTokenRefiner(b.hidden_size, cfg, **f) for b in cfg.branches)
         self.collab = nn.ModuleList(CollaborativeBlock(len(cfg.branches), cfg, **f) for _ in range(cfg.collab_depth))
+
+    def set_feature_stats(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per branch (mean, std) of its LLM's channels; see `FeatureNorm`."""
+        for refiner, (mean, std) in zip(self.refiners, stats, strict=True):
+            refiner.feature_norm.set_stats(mean, std)
 
     def forward(self, texts: list[TextStates], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if len(texts) != len(self.refiners):

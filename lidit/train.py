@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import save_checkpoint
 from .config import LIDiTConfig, preset
 from .data import BucketStream, FolderData, SceneStream, load_vae
-from .diffusion import training_loss
+from .diffusion import FLOW_LOSSES, training_loss
 from .features import FeatureCache, FeatureTable, folder_identity
 from .instruction import PromptTemplate
 from .llm import load_llm
@@ -91,6 +91,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
     caption_dropout: float = 0.1
+    flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
     checkpoint_every: int = 500
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
@@ -134,6 +135,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
+        if self.flow_loss not in FLOW_LOSSES:
+            raise ValueError(f"flow_loss must be one of {FLOW_LOSSES}, got {self.flow_loss!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError("caption_dropout must be in [0, 1]")
         if self.grad_accum < 1 or self.batch_size < 1 or self.steps < 0:
@@ -334,11 +337,17 @@ def ema_decay_at(cfg: TrainConfig, step: int) -> float:
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
-def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist) -> tuple[LIDiTModel, torch.nn.Module]:
-    """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself)."""
+def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
+                tables: list[FeatureTable]) -> tuple[LIDiTModel, torch.nn.Module]:
+    """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself).
+
+    Every rank measures the same feature statistics from the same caption pool.
+    """
     def make() -> LIDiTModel:
         torch.manual_seed(cfg.seed)
-        return LIDiTModel(model_cfg).init_weights()
+        model = LIDiTModel(model_cfg).init_weights()
+        model.text.set_feature_stats([table.channel_stats() for table in tables])
+        return model
 
     single_branch = len(model_cfg.text.branches) == 1  # its collaborative block has nothing to attend to
     if cfg.fsdp:
@@ -692,7 +701,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     say(d, f"features ready in {t_features:.1f} s ({sum(s['encoded'] for s in feature_stats)} encoded, "
            f"{len(tables[0].entries)} captions per branch)")
 
-    model, net = build_model(model_cfg, cfg, d)
+    model, net = build_model(model_cfg, cfg, d, tables)
     named = list(model.named_parameters())
     opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(named)
@@ -757,7 +766,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
                 net.set_requires_gradient_sync(sync)
             ctx = net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()
             with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = training_loss(net, model_cfg, x0, texts, generator=noise_gen)
+                loss = training_loss(net, model_cfg, x0, texts, generator=noise_gen, flow_loss=cfg.flow_loss)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:

@@ -5,10 +5,11 @@ import torch
 
 from lidit.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
+from lidit.features import FeatureTable
 from lidit.instruction import PromptTemplate
 from lidit.llm import encode
 from lidit.model import LIDiTModel, parameter_counts
-from lidit.refiner import LinguisticTokenRefiner
+from lidit.refiner import FeatureNorm, LinguisticTokenRefiner
 from lidit.text import TextStates
 
 PLAIN = PromptTemplate(chat_template=False)
@@ -37,7 +38,39 @@ def test_refiner_with_zero_gates_returns_its_input_exactly(tiny_llms):
     text = encode_all(tiny_llms, ["a red circle and a blue square"])[0]
     refiner: LinguisticTokenRefiner = model.text.refiners[0]
     refined, _ = refiner(text, model.text.t_embedder(torch.tensor([0.5])))
-    assert torch.equal(refined, refiner.input_proj(text.hidden))
+    assert torch.equal(refined, refiner.input_proj(refiner.feature_norm(text.hidden)))
+
+
+def test_feature_norm_tames_massive_activations():
+    """A channel 10,000x the others (as in Gemma-3) must not drown the rest after the norm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    x[:, 3] = 25_000 + 50 * torch.randn(64, generator=g)
+    norm = FeatureNorm(16)
+    raw = norm(x)
+    assert raw[:, 3].abs().min() > 0.99  # identity stats: the massive channel is the whole token
+    table = FeatureTable(prefix=torch.zeros(0, 16), entries={"a": (x[:32], 32), "b": (x[32:], 32)})
+    norm.set_stats(*table.channel_stats())
+    out = norm(x)
+    assert out[:, 3].abs().max() < 4.0
+    assert torch.allclose(out.pow(2).mean(-1), torch.ones(64), atol=1e-4)
+    torch.testing.assert_close(out.float().std(0).mean(), torch.tensor(1.0), atol=0.1, rtol=0)
+
+
+def test_trainer_sets_feature_stats_from_the_caption_features(tiny_llms):
+    """What the trainer does before step 1: the norm's buffers hold the channels' statistics."""
+    prompts = ["a red circle", "a blue square and a green triangle", "a white circle"]
+    texts = encode_all(tiny_llms, prompts)
+    tables = [FeatureTable(prefix=torch.zeros(0, t.hidden_size),
+                           entries={p: (t.hidden[i][t.mask[i]], int(t.prompt[i].sum())) for i, p in enumerate(prompts)})
+              for t in texts]
+    model = LIDiTModel(tiny()).init_weights()
+    model.text.set_feature_stats([table.channel_stats() for table in tables])
+    for refiner, t in zip(model.text.refiners, texts):
+        real = t.hidden[t.mask]
+        torch.testing.assert_close(refiner.feature_norm.mean, real.mean(0), atol=1e-4, rtol=1e-4)
+        assert "feature_norm.std" in dict(refiner.named_buffers())
+    assert any(k.endswith("feature_norm.mean") for k in model.state_dict())  # saved with the weights
 
 
 def test_refiner_is_bidirectional_once_gates_open(tiny_llms):

@@ -54,3 +54,24 @@ def test_sampling_is_deterministic_per_seed_and_uses_cfg(prediction):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(run(7, 1.0), a)
     assert torch.isfinite(a).all()
+
+
+def test_x0_flow_loss_scores_the_implied_clean_image():
+    """flow_loss="x0" is the MSE of x0_hat = x_t - t * v_hat against the real clean image."""
+    cfg = preset("tiny")
+    seen = {}
+
+    def model(x_t, t, texts):
+        seen.update(x_t=x_t, t=t, v=torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)))
+        return seen["v"]
+
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    texts = texts_for(cfg, batch=4)
+    loss = training_loss(model, cfg, x0, texts, generator=torch.Generator().manual_seed(0), flow_loss="x0")
+    t = seen["t"].view(-1, 1, 1, 1)
+    x0_hat = seen["x_t"] - t * seen["v"]
+    torch.testing.assert_close(loss, ((x0_hat - x0) ** 2).mean())
+    v_loss = training_loss(model, cfg, x0, texts, generator=torch.Generator().manual_seed(0))
+    assert v_loss > loss  # t < 1 everywhere, so the velocity error is the larger one
+    with pytest.raises(ValueError, match="flow_loss must be one of"):
+        training_loss(model, cfg, x0, texts, flow_loss="eps")

@@ -116,9 +116,9 @@ def test_second_epoch_and_second_run_never_call_the_llms(tiny_llm_dirs, tmp_path
 def test_caption_dropout_feeds_the_template_wrapped_empty_prompt(tiny_llm_dirs, tiny_llms, tmp_path, monkeypatch):
     seen = []
 
-    def spy(model, cfg, x0, texts, generator=None):
+    def spy(model, cfg, x0, texts, generator=None, **kwargs):
         seen.append(texts)
-        return real(model, cfg, x0, texts, generator)
+        return real(model, cfg, x0, texts, generator, **kwargs)
 
     real = train_mod.training_loss
     monkeypatch.setattr(train_mod, "training_loss", spy)
