@@ -87,6 +87,8 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
 class LIDiTModelConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}  # BASE would otherwise inject num_heads and friends into the network's kwargs
+    # The host casts the LLM states to this dtype, and they exceed float16's range (Gemma-3's BOS ~1e5)
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
 
     def __init__(self, lidit_config: LIDiTConfig) -> None:
         self.lidit_config = lidit_config
