@@ -15,7 +15,7 @@ args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(tests)
 t1=$SECONDS
 set +e
-.venv/bin/python -m pytest -q --durations=10 "${args[@]}"
+.venv/bin/python -m pytest -c tests/pytest.ini -q --durations=10 "${args[@]}"
 rc=$?
 set -e
 echo "[test] pytest: $((SECONDS - t1))s (exit $rc); total $((SECONDS - t0))s"
