@@ -143,7 +143,7 @@ PRESETS: dict[str, LIDiTConfig] = {
             width=128, heads=4, max_tokens=48, chat_template=False,
         ),
         dit=DiTConfig(depth=4, hidden=128, heads=4, patch=8, in_channels=3, pos_table=True),
-        prediction="flow", x_param=True, latent_format="pixel", resolution=64, steps=25, cfg=4.0,
+        prediction="flow", x_param=True, latent_format="pixel", resolution=64, steps=25, cfg=2.0,
     ),
     # For tests: sized for the tiny random LLMs that the test fixtures build.
     "tiny": LIDiTConfig(
