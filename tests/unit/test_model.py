@@ -57,8 +57,8 @@ def test_feature_norm_tames_massive_activations():
     torch.testing.assert_close(out.float().std(0).mean(), torch.tensor(1.0), atol=0.1, rtol=0)
 
 
-def test_trainer_sets_feature_stats_from_the_caption_features(tiny_llms):
-    """What the trainer does before step 1: the norm's buffers hold the channels' statistics."""
+def test_channel_stats_fill_every_branch_feature_norm(tiny_llms):
+    """The norm's buffers hold each LLM's channel statistics, and are saved with the weights."""
     prompts = ["a red circle", "a blue square and a green triangle", "a white circle"]
     texts = encode_all(tiny_llms, prompts)
     tables = [FeatureTable(prefix=torch.zeros(0, t.hidden_size),

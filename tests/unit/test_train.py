@@ -15,7 +15,7 @@ import lidit.train as train_mod
 from lidit.checkpoint import load_checkpoint, read_metadata
 from lidit.data import BucketStream, FolderData, SceneStream, load_vae, make_buckets, nearest_bucket
 from lidit.features import FeatureCache, PrefixEncoder
-from lidit.instruction import PromptTemplate
+from lidit.instruction import PromptTemplate, template_ids
 from lidit.llm import encode, load_llm
 from lidit.train import TrainConfig, load_config, lr_at, model_config
 
@@ -131,6 +131,22 @@ def test_caption_dropout_feeds_the_template_wrapped_empty_prompt(tiny_llm_dirs, 
         assert (states.mask.sum(1) == n).all()
         torch.testing.assert_close(states.hidden[:, :n], ref.hidden[:, :n].expand(len(states.hidden), -1, -1),
                                    atol=2e-3, rtol=2e-3)
+
+
+def test_checkpoint_carries_the_statistics_of_the_caption_features(tiny_llm_dirs, tiny_llms, tmp_path):
+    """The trainer fills every branch's FeatureNorm from the cached features of its caption pool."""
+    quiet_train(config(tiny_llm_dirs, tmp_path, steps=1))
+    model = load_checkpoint(tmp_path / "run/model.safetensors")
+    template = PromptTemplate.of(model_config("tiny").text)
+    captions = list(dict.fromkeys([""] + SceneStream.from_config(8, 16, 0).captions))
+    for refiner, llm in zip(model.text.refiners, tiny_llms, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            states = encode(llm, captions, template, 32)
+        prefix = len(template_ids(llm.tokenizer, template)[0])
+        tokens = torch.cat([states.hidden[i, prefix:int(states.mask[i].sum())] for i in range(len(captions))])
+        torch.testing.assert_close(refiner.feature_norm.mean, tokens.mean(0), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(refiner.feature_norm.std, tokens.std(0, correction=0), atol=2e-2, rtol=2e-2)
 
 
 # ------------------------------------------------------------------------------------------------
