@@ -7,13 +7,15 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import LIDiTConfig
-from .text import TextStates
+from .text import PreparedBranch, TextStates
+
+if TYPE_CHECKING:
+    from .model import LIDiTModel
 
 Predict = Callable[[torch.Tensor, torch.Tensor, list[TextStates]], torch.Tensor]
 DDPM_STEPS = 1000
@@ -64,24 +66,32 @@ def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: 
     return error.mean()
 
 
-def guided(model: Predict, cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:
-    """Classifier-free guidance with cond and uncond in one batch."""
+def guided(model: "LIDiTModel", cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:
+    """Classifier-free guidance with cond and uncond in one batch, in the weights' dtype.
+
+    The text is prepared once here, not at every step (see `TextPathway.prepare`).
+    """
+    dtype = next(model.parameters()).dtype
+    cond_ = model.text.prepare(cond, dtype)
     if uncond is None or cfg == 1.0:
-        return lambda x, t: model(x, t, cond)
-    both = [TextStates.cat([c, u]) for c, u in zip(cond, uncond)]
+        return lambda x, t: model(x.to(dtype), t, cond_).float()
+    both = [PreparedBranch.cat([c, u]) for c, u in zip(cond_, model.text.prepare(uncond, dtype))]
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out_c, out_u = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both).float().chunk(2)
         return out_u + cfg * (out_c - out_u)
     return predict
 
 
 @torch.no_grad()
-def sample(model: Predict, config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
+def sample(model: "LIDiTModel", config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
            shape: tuple[int, ...], steps: int | None = None, cfg: float | None = None, seed: int = 0,
            device: torch.device | str = "cpu", callback: Callable[[int, int], None] | None = None,
            noise: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic sampling: Euler for flow, DDIM (eta 0) for eps / v. Same seed, same image.
+
+    The network runs in its weights' dtype (load it with `dtype=compute_dtype(device)` for bf16 on
+    hardware that has it); the sampler's own arithmetic stays in float32.
 
     `noise` replaces the seeded starting noise (e.g. one seed per image of a batch).
     """
@@ -95,7 +105,7 @@ def sample(model: Predict, config: LIDiTConfig, cond: list[TextStates], uncond: 
     if config.prediction == "flow":
         times = shift_time(torch.linspace(1.0, 0.0, steps + 1), config.shift).tolist()
         for i in range(steps):
-            x = x + (times[i + 1] - times[i]) * predict(x, times[i] * ones).float()
+            x = x + (times[i + 1] - times[i]) * predict(x, times[i] * ones)
             if callback:
                 callback(i + 1, steps)
         return x
@@ -104,7 +114,7 @@ def sample(model: Predict, config: LIDiTConfig, cond: list[TextStates], uncond: 
     for i, index in enumerate(indices):
         ab = acp[index].item()
         ab_prev = acp[indices[i + 1]].item() if i + 1 < steps else 1.0
-        out = predict(x, index / DDPM_STEPS * ones).float()
+        out = predict(x, index / DDPM_STEPS * ones)
         if config.prediction == "eps":
             eps = out
             x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5

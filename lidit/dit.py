@@ -14,7 +14,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import DiTConfig
-from .layers import MLP, Attention, Ops, TimestepEmbedder, layer_norm, modulate
+from .layers import MLP, Attend, Attention, Ops, TimestepEmbedder, TorchOps, layer_norm, modulate, sdpa
+from .refiner import TextContext
 
 
 def sincos_2d(dim: int, h: int, w: int, device=None) -> torch.Tensor:
@@ -32,7 +33,7 @@ def sincos_2d(dim: int, h: int, w: int, device=None) -> torch.Tensor:
 class ConvPosEmbed(nn.Module):
     """x + conv(silu(conv(silu(x)))) on the patch grid."""
 
-    def __init__(self, dim: int, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, dim: int, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         self.conv1 = ops.Conv2d(dim, dim, 3, padding=1, dtype=dtype, device=device)
         self.conv2 = ops.Conv2d(dim, dim, 3, padding=1, dtype=dtype, device=device)
@@ -42,7 +43,7 @@ class ConvPosEmbed(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig, context_dim: int, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, cfg: DiTConfig, context_dim: int, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(ops=ops, dtype=dtype, device=device)
         self.self_attn = Attention(cfg.hidden, cfg.heads, **f)
@@ -50,15 +51,15 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(cfg.hidden, cfg.mlp_ratio, **f)
         self.adaln = ops.Linear(cfg.hidden, 6 * cfg.hidden, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: TextContext, index: int, attend: Attend) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(F.silu(c)).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.self_attn(modulate(layer_norm(x), shift1, scale1))
-        x = x + self.cross_attn(layer_norm(x), context, context_mask)
+        x = x + gate1[:, None] * self.self_attn(modulate(layer_norm(x), shift1, scale1), ("dit", index, "self"), attend)
+        x = x + self.cross_attn(layer_norm(x), ("dit", index, "cross"), attend, text.tokens, text.key_mask)
         return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, cfg: DiTConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, cfg: DiTConfig, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         self.adaln = ops.Linear(cfg.hidden, 2 * cfg.hidden, dtype=dtype, device=device)
         self.linear = ops.Linear(cfg.hidden, cfg.patch ** 2 * cfg.in_channels, dtype=dtype, device=device)
@@ -69,7 +70,7 @@ class FinalLayer(nn.Module):
 
 
 class LIDiT(nn.Module):
-    def __init__(self, cfg: DiTConfig, context_dim: int, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, cfg: DiTConfig, context_dim: int, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(ops=ops, dtype=dtype, device=device)
         self.cfg = cfg
@@ -80,19 +81,18 @@ class LIDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim, **f) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, **f)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) with any H, W; sizes that are not multiples of the patch are padded."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, attend: Attend = sdpa) -> torch.Tensor:
+        """x: (B, C, H, W) with any H, W (sizes that are not multiples of the patch are padded), in the
+        compute dtype, which the text context shares."""
         p, (height, width) = self.cfg.patch, x.shape[-2:]
         x = F.pad(x, (0, -width % p, 0, -height % p))
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        tokens = self.patch_embed(x.to(self.patch_embed.weight.dtype))
+        tokens = self.patch_embed(x)
         if self.cfg.pos_table:
             tokens = tokens + rearrange(sincos_2d(self.cfg.hidden, h, w, x.device), "(h w) d -> d h w", h=h).to(tokens.dtype)
         tokens = rearrange(self.pos_embed(tokens), "b d h w -> b (h w) d")
-        c = self.t_embedder(t) + self.pooled_proj(pooled.to(tokens.dtype))
-        context = context.to(tokens.dtype)
-        for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask)
+        c = self.t_embedder(t, tokens.dtype) + self.pooled_proj(text.pooled)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, text, i, attend)
         out = rearrange(self.final(tokens, c), "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
         return out[..., :height, :width]

@@ -1,39 +1,57 @@
 """Building blocks shared by the text pathway and the DiT.
 
-Every module takes `ops` (a namespace with Linear/Conv2d, `torch.nn` by default) plus `dtype`
-and `device`, so a host such as ComfyUI can build the same network from its own layer classes
-(which skip random init and cast weights on the fly) without this package knowing the host.
+Hosting contract (how ComfyUI, or any host, runs this network without this package knowing it):
+- every module takes `ops` (a namespace with Linear, Conv2d and RMSNorm; `TorchOps` by default),
+  plus `dtype` and `device`, so a host can build it from its own layer classes, which skip random
+  init and cast stored weights (fp8, fp16, offloaded) to the input's dtype and device per call;
+- every forward computes in the dtype of its input, never in the weights' storage dtype;
+- every attention goes through an `Attend` function handed in per call, so a host can route it to
+  its own kernels and patches. `sdpa` is the default.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Ops = Any  # a module namespace providing Linear and Conv2d, e.g. torch.nn or comfy.ops.*
+Ops = Any  # a namespace providing Linear, Conv2d and RMSNorm, e.g. TorchOps or comfy.ops.*
+#: where an attention sits: (stage, block index, kind), e.g. ("dit", 3, "self"); hosts key patches on it
+Site = tuple[Literal["refiner", "collab", "dit"], int, Literal["self", "cross"]]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA over (B, heads, L, head_dim) with a (B, Lk) key mask, True = attend.
+class Attend(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 site: Site) -> torch.Tensor:
+        """q, k, v: (B, heads, L, head_dim); mask: None (attend everywhere) or a (B, 1, 1, Lk) bool key
+        mask, True = attend, with at least one True per row. Returns (B, Lq, heads * head_dim)."""
 
-    A row with no valid key at all (an empty prompt) attends to nothing and returns zeros,
-    instead of the NaN that a fully masked softmax gives.
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, site: Site) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+class KeyMask:
+    """A (B, Lk) padding mask, turned once per forward into what each attention call needs.
+
+    `None` where every key is real, so hosts can pick mask-free (flash) kernels; rows without any
+    real key (an empty prompt) attend to everything and are then zeroed, instead of the NaN that a
+    fully masked softmax gives. `full` is known on the host side (Python ints), so no device sync.
     """
-    if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    if k.shape[-2] == 0:
-        return q.new_zeros(*q.shape[:-1], v.shape[-1])
-    has_key = key_mask.any(dim=-1)
-    safe = (key_mask | ~has_key[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe)
-    return torch.where(has_key[:, None, None, None], out, 0.0)
+
+    def __init__(self, mask: torch.Tensor, full: bool, empty_rows: bool) -> None:
+        self.attend = None if full else (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+        self.keep_rows = mask.any(-1)[:, None, None] if empty_rows else None
+
+    def apply(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.keep_rows is None else out * self.keep_rows.to(out.dtype)
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm in the input's dtype (torch's own falls off its fused path on mixed dtypes)."""
+
     def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None) -> None:
         super().__init__()
         self.eps = eps
@@ -41,6 +59,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class TorchOps:
+    """The default `ops`: plain torch layers."""
+    Linear = nn.Linear
+    Conv2d = nn.Conv2d
+    RMSNorm = RMSNorm
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -52,28 +77,31 @@ class Attention(nn.Module):
     """Multi-head attention with QK-RMSNorm; cross-attention when `context` is given."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None,
-                 ops: Ops = nn, dtype=None, device=None) -> None:
+                 ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(dtype=dtype, device=device)
         self.heads = heads
         self.q = ops.Linear(dim, dim, **f)
         self.kv = ops.Linear(context_dim or dim, 2 * dim, **f)
-        self.q_norm = RMSNorm(dim // heads, **f)
-        self.k_norm = RMSNorm(dim // heads, **f)
+        self.q_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f)
+        self.k_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f)
         self.out = ops.Linear(dim, dim, **f)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, site: Site, attend: Attend = sdpa, context: torch.Tensor | None = None,
+                key_mask: KeyMask | None = None) -> torch.Tensor:
         b, n, d = x.shape
         context = x if context is None else context
+        if context.shape[1] == 0:  # nothing to attend to: the attention contributes nothing
+            return self.out(x.new_zeros(b, n, d))
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(self.q_norm(q), self.k_norm(k), v, key_mask)
-        return self.out(out.transpose(1, 2).reshape(b, n, d))
+        mask = None if key_mask is None else key_mask.attend
+        out = attend(self.q_norm(q), self.k_norm(k), v, mask, site)
+        return self.out(out if key_mask is None else key_mask.apply(out))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, dim: int, ratio: float, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         hidden = int(dim * ratio)
         self.fc1 = ops.Linear(dim, hidden, dtype=dtype, device=device)
@@ -86,17 +114,18 @@ class MLP(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of t in [0, 1] (scaled to 0..1000, as DDPM indices), then an MLP."""
 
-    def __init__(self, dim: int, freq_dim: int = 256, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, dim: int, freq_dim: int = 256, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         self.freq_dim = freq_dim
         self.fc1 = ops.Linear(freq_dim, dim, dtype=dtype, device=device)
         self.fc2 = ops.Linear(dim, dim, dtype=dtype, device=device)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`dtype`: the compute dtype (the features are made in float32)."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = 1000.0 * t.float()[:, None] * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.fc1.weight.dtype)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
         return self.fc2(F.silu(self.fc1(emb)))
 
 

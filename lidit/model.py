@@ -12,28 +12,31 @@ from torch import nn
 
 from .config import LIDiTConfig
 from .dit import LIDiT
-from .layers import Ops
+from .layers import Attend, Ops, TorchOps, sdpa
 from .refiner import TextPathway
-from .text import TextStates
+from .text import PreparedBranch, TextStates
 
 X_PARAM_T_MIN = 0.05  # below this the derived velocity (x_t - x0) / t would amplify errors
 
 
 class LIDiTModel(nn.Module):
-    def __init__(self, config: LIDiTConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, config: LIDiTConfig, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         self.config = config
         self.text = TextPathway(config.text, ops, dtype, device)
         self.dit = LIDiT(config.dit, config.text.width, ops, dtype, device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates] | list[PreparedBranch],
+                attend: Attend = sdpa) -> torch.Tensor:
         """t in [0, 1] (DDPM index / 1000, or the flow time). Returns the config's prediction.
 
-        With `x_param` the network predicts the clean image and this returns the velocity
-        derived from it, so samplers and hosts only ever see a plain flow model.
+        `texts`: each branch's LLM states, or their `prepare`d form, which a sampler makes once
+        per run (in x's dtype, the compute dtype). With `x_param` the network predicts the clean
+        image and this returns the velocity derived from it, so samplers and hosts only ever see a
+        plain flow model.
         """
-        context, mask, pooled = self.text(texts, t)
-        out = self.dit(x, t, context, mask, pooled)
+        branches = [*texts] if isinstance(texts[0], PreparedBranch) else self.text.prepare(texts, x.dtype)
+        out = self.dit(x, t, self.text(branches, t, attend), attend)
         if self.config.x_param:
             t_ = t.to(out.dtype).clamp(min=X_PARAM_T_MIN).view(-1, *([1] * (x.dim() - 1)))
             out = (x.to(out.dtype) - out) / t_

@@ -11,7 +11,13 @@ Choices where the paper is silent:
 - gates are per residual branch (attention, FFN), computed from that vector by a zero-initialised
   Linear, so a fresh refiner is the identity on its projected input;
 - the collaborative refiner is gated the same way, with each branch's own vector;
-- the pooled vector for the DiT is the masked mean of the final context.
+- the pooled vector for the DiT is the masked mean of the final context;
+- an all-zero token carries nothing and is masked out, so an all-zero branch (ComfyUI's
+  ConditioningZeroOut) means "no text", as zeros do for ComfyUI's core models.
+
+Everything that does not depend on the timestep (the zero-token masks, FeatureNorm, the input and
+pooled projections, the early instruction drop) is `prepare`d once per sampling run; the blocks run
+at every step.
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-from .layers import MLP, Attention, Ops, TimestepEmbedder, layer_norm, masked_mean
-from .text import TextStates, pack_left
+from .layers import MLP, Attend, Attention, KeyMask, Ops, Site, TimestepEmbedder, TorchOps, layer_norm, masked_mean, sdpa
+from .text import PreparedBranch, TextStates, pack_left
 
 
 class FeatureNorm(nn.Module):
@@ -33,7 +39,9 @@ class FeatureNorm(nn.Module):
     and the gradient, and gradient clipping then throttles every other weight. The statistics are
     measured once on the training captions' features (`set_stats`) and travel in the checkpoint
     as buffers; the defaults (mean 0, std 1) leave the channels as they are. Computed in float32
-    whatever the weights' dtype, because the raw values overflow float16 arithmetic.
+    whatever the compute dtype, because the raw values overflow float16; its output (unit RMS per
+    token) fits any dtype. The buffers are moved at use: hosts that stream weights per layer only
+    move modules with parameters.
     """
 
     def __init__(self, dim: int, device=None) -> None:
@@ -47,7 +55,8 @@ class FeatureNorm(nn.Module):
         self.std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean.float()) / self.std.float()
+        mean, std = (b.to(x.device, torch.float32) for b in (self.mean, self.std))
+        x = (x.float() - mean) / std
         return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
@@ -58,70 +67,92 @@ class GatedBlock(nn.Module):
     (the collaborative refiner).
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(ops=ops, dtype=dtype, device=device)
         self.attn = Attention(width, heads, **f)
         self.mlp = MLP(width, mlp_ratio, **f)
         self.gates = ops.Linear(width, 2 * width, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, c: torch.Tensor,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, key_mask: KeyMask, site: Site, attend: Attend,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         gate_attn, gate_mlp = self.gates(F.silu(c))[:, None].chunk(2, dim=-1)
         if context is None:
-            x = x + gate_attn * self.attn(layer_norm(x), key_mask=key_mask)
+            x = x + gate_attn * self.attn(layer_norm(x), site, attend, key_mask=key_mask)
         elif context.shape[1]:
-            x = x + gate_attn * self.attn(layer_norm(x), layer_norm(context), key_mask)
+            x = x + gate_attn * self.attn(layer_norm(x), site, attend, layer_norm(context), key_mask)
         return x + gate_mlp * self.mlp(layer_norm(x))
 
 
 class LinguisticTokenRefiner(nn.Module):
     """One per LLM: bidirectional self-attention over its (causal) hidden states."""
 
-    def __init__(self, llm_dim: int, cfg: TextConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, llm_dim: int, cfg: TextConfig, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(dtype=dtype, device=device)
+        self.drop_early = cfg.drop_instruction == "after_llm"
         self.feature_norm = FeatureNorm(llm_dim, device=device)
         self.input_proj = ops.Linear(llm_dim, cfg.width, **f)
         self.pool_proj = ops.Linear(llm_dim, cfg.width, **f)
         self.blocks = nn.ModuleList(
             GatedBlock(cfg.width, cfg.heads, cfg.mlp_ratio, ops, **f) for _ in range(cfg.refiner_depth))
 
-    def forward(self, text: TextStates, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, text: TextStates, dtype: torch.dtype) -> PreparedBranch:
+        """The timestep-free part, in the compute `dtype`."""
+        real = text.mask & text.hidden.ne(0).any(-1)
+        text = TextStates(text.hidden, real, text.prompt & real)
+        if self.drop_early:
+            text = text.only_prompt()
+        hidden = self.feature_norm(text.hidden).to(dtype)
+        return PreparedBranch.of(self.input_proj(hidden), self.pool_proj(masked_mean(hidden, text.mask)),
+                                 text.mask, text.prompt)
+
+    def forward(self, branch: PreparedBranch, t_emb: torch.Tensor, attend: Attend = sdpa) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the refined tokens and the (pooled text + timestep) vector `c` that gated them."""
-        hidden = self.feature_norm(text.hidden).to(self.input_proj.weight.dtype)
-        c = t_emb + self.pool_proj(masked_mean(hidden, text.mask))
-        x = self.input_proj(hidden)
-        for block in self.blocks:
-            x = block(x, text.mask, c)
+        c = t_emb + branch.pooled
+        key_mask = KeyMask(branch.mask, branch.full, branch.empty_rows)
+        x = branch.tokens
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, key_mask, ("refiner", i, "self"), attend)
         return x, c
 
 
 class CollaborativeBlock(nn.Module):
     """One parallel branch per LLM; branch i cross-attends to all the other branches' tokens."""
 
-    def __init__(self, n_branches: int, cfg: TextConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, n_branches: int, cfg: TextConfig, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             GatedBlock(cfg.width, cfg.heads, cfg.mlp_ratio, ops, dtype, device) for _ in range(n_branches))
 
-    def forward(self, xs: list[torch.Tensor], masks: list[torch.Tensor], cs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, xs: list[torch.Tensor], branches: list[PreparedBranch], cs: list[torch.Tensor],
+                index: int, attend: Attend = sdpa) -> list[torch.Tensor]:
         out = []
         for i, block in enumerate(self.branches):
             others = [j for j in range(len(xs)) if j != i]
             context = torch.cat([xs[j] for j in others], dim=1) if others else xs[i][:, :0]
-            context_mask = torch.cat([masks[j] for j in others], dim=1) if others else masks[i][:, :0]
-            out.append(block(xs[i], context_mask, cs[i], context=context))
+            mask = torch.cat([branches[j].mask for j in others], dim=1) if others else branches[i].mask[:, :0]
+            real = [sum(row) for row in zip(*(branches[j].real for j in others))] if others else [0]
+            key_mask = KeyMask(mask, all(branches[j].full for j in others), 0 in real)
+            out.append(block(xs[i], cs[i], key_mask, ("collab", index, "cross"), attend, context=context))
         return out
+
+
+class TextContext:
+    """The DiT's text input: the prompt tokens of every branch, left-packed, and their pooled vector."""
+
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> None:
+        self.tokens, self.mask = tokens, mask
+        self.key_mask = KeyMask(mask, all(n == tokens.shape[1] for n in lengths), 0 in lengths)
+        self.pooled = masked_mean(tokens, mask)
 
 
 class TextPathway(nn.Module):
     """LLM hidden states of every branch -> DiT context tokens, their mask and a pooled vector."""
 
-    def __init__(self, cfg: TextConfig, ops: Ops = nn, dtype=None, device=None) -> None:
+    def __init__(self, cfg: TextConfig, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(ops=ops, dtype=dtype, device=device)
-        self.drop_early = cfg.drop_instruction == "after_llm"
         self.t_embedder = TimestepEmbedder(cfg.width, **f)
         self.refiners = nn.ModuleList(LinguisticTokenRefiner(b.hidden_size, cfg, **f) for b in cfg.branches)
         self.collab = nn.ModuleList(CollaborativeBlock(len(cfg.branches), cfg, **f) for _ in range(cfg.collab_depth))
@@ -131,15 +162,18 @@ class TextPathway(nn.Module):
         for refiner, (mean, std) in zip(self.refiners, stats, strict=True):
             refiner.feature_norm.set_stats(mean, std)
 
-    def forward(self, texts: list[TextStates], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare(self, texts: list[TextStates], dtype: torch.dtype) -> list[PreparedBranch]:
+        """Everything that does not depend on t: once per sampling run, not once per step."""
         if len(texts) != len(self.refiners):
             raise ValueError(f"the model has {len(self.refiners)} LLM branches, got {len(texts)} inputs")
-        if self.drop_early:
-            texts = [text.only_prompt() for text in texts]
-        t_emb = self.t_embedder(t)
-        xs, cs = zip(*(refiner(text, t_emb) for refiner, text in zip(self.refiners, texts)))
+        return [refiner.prepare(text, dtype) for refiner, text in zip(self.refiners, texts)]
+
+    def forward(self, branches: list[PreparedBranch], t: torch.Tensor, attend: Attend = sdpa) -> TextContext:
+        t_emb = self.t_embedder(t, branches[0].tokens.dtype)
+        xs, cs = zip(*(refiner(branch, t_emb, attend) for refiner, branch in zip(self.refiners, branches)))
         xs = list(xs)
-        for block in self.collab:
-            xs = block(xs, [text.mask for text in texts], list(cs))
-        tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([text.prompt for text in texts], dim=1))
-        return tokens, mask, masked_mean(tokens, mask)
+        for i, block in enumerate(self.collab):
+            xs = block(xs, branches, list(cs), i, attend)
+        lengths = [sum(row) for row in zip(*(b.prompt_lengths for b in branches))]
+        tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1), max(lengths))
+        return TextContext(tokens, mask, lengths)

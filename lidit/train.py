@@ -2,7 +2,7 @@
 
 The same command runs on one process or under `torchrun --nproc_per_node N -m lidit.train ...`
 with DistributedDataParallel (gloo on CPU, nccl on GPU), or with FSDP2 (`--fsdp`: every DiT
-block, token refiner and collaborative block is its own shard unit).
+block, token refiner block and collaborative block is its own shard unit).
 
 One run, in order:
 1. The config (a JSON file plus dotted `key=value` overrides) gives the model, the LLM folder per
@@ -361,7 +361,9 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
         for turn in range(d.local_world):
             if turn == d.local_rank:
                 model = make()
-                units = [*model.text.refiners, *model.text.collab, *model.dit.blocks]
+                # refiner blocks, not whole refiners: their input projections run in `prepare`,
+                # inside the root's forward, so they belong to the root unit
+                units = [*(b for r in model.text.refiners for b in r.blocks), *model.text.collab, *model.dit.blocks]
                 for unit in units:
                     fully_shard(unit, mesh=mesh)
                 fully_shard(model, mesh=mesh)

@@ -10,7 +10,7 @@ from lidit.instruction import PromptTemplate
 from lidit.llm import encode
 from lidit.model import LIDiTModel, parameter_counts
 from lidit.refiner import FeatureNorm, LinguisticTokenRefiner
-from lidit.text import TextStates
+from lidit.text import PreparedBranch, TextStates
 
 PLAIN = PromptTemplate(chat_template=False)
 
@@ -32,13 +32,19 @@ def encode_all(llms, prompts, template=PLAIN):
     return [encode(llm, prompts, template, max_tokens=32) for llm in llms]
 
 
+def context_of(model: LIDiTModel, texts: list[TextStates], t: torch.Tensor):
+    return model.text(model.text.prepare(texts, torch.float32), t)
+
+
 def test_refiner_with_zero_gates_returns_its_input_exactly(tiny_llms):
     torch.manual_seed(0)
     model = LIDiTModel(tiny()).init_weights()
     text = encode_all(tiny_llms, ["a red circle and a blue square"])[0]
     refiner: LinguisticTokenRefiner = model.text.refiners[0]
-    refined, _ = refiner(text, model.text.t_embedder(torch.tensor([0.5])))
-    assert torch.equal(refined, refiner.input_proj(refiner.feature_norm(text.hidden)))
+    branch = refiner.prepare(text, torch.float32)
+    refined, _ = refiner(branch, model.text.t_embedder(torch.tensor([0.5]), torch.float32))
+    assert torch.equal(branch.tokens, refiner.input_proj(refiner.feature_norm(text.hidden)))
+    assert torch.equal(refined, branch.tokens)
 
 
 def test_feature_norm_tames_massive_activations():
@@ -81,9 +87,10 @@ def test_refiner_is_bidirectional_once_gates_open(tiny_llms):
                                                        "a red circle and a blue triangle"))
     first = a.prompt[0].nonzero()[0, 0]
     torch.testing.assert_close(a.hidden[0, first], b.hidden[0, first])  # the causal LLM cannot see the change
-    t_emb = model.text.t_embedder(torch.tensor([0.5]))
-    ra, _ = model.text.refiners[0](a, t_emb)
-    rb, _ = model.text.refiners[0](b, t_emb)
+    t_emb = model.text.t_embedder(torch.tensor([0.5]), torch.float32)
+    refiner = model.text.refiners[0]
+    ra, _ = refiner(refiner.prepare(a, torch.float32), t_emb)
+    rb, _ = refiner(refiner.prepare(b, torch.float32), t_emb)
     assert (ra[0, first] - rb[0, first]).abs().max() > 1e-4  # the refiner can
 
 
@@ -97,17 +104,24 @@ def test_padding_invariance_and_instruction_drop(tiny_llms, drop):
     alone = encode_all(tiny_llms, [short], template)
     batched = encode_all(tiny_llms, [short, long_], template)
     t = torch.tensor([0.3, 0.3])
-    ctx_alone, mask_alone, pooled_alone = model.text(alone, t[:1])
-    ctx_batch, mask_batch, pooled_batch = model.text(batched, t)
+    alone_ctx = context_of(model, alone, t[:1])
+    batch_ctx = context_of(model, batched, t)
     n_prompt = sum(int(s.prompt[0].sum()) for s in alone)
-    assert int(mask_alone[0].sum()) == ctx_alone.shape[1] == n_prompt  # only the prompt's own tokens survive
-    assert int(mask_batch[0].sum()) == n_prompt
-    torch.testing.assert_close(ctx_batch[0, :n_prompt], ctx_alone[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pooled_batch[0], pooled_alone[0], atol=1e-5, rtol=1e-5)
+    assert int(alone_ctx.mask[0].sum()) == alone_ctx.tokens.shape[1] == n_prompt  # only the prompt's own tokens survive
+    assert alone_ctx.key_mask.attend is None  # no padding: no mask, so hosts may pick flash kernels
+    assert int(batch_ctx.mask[0].sum()) == n_prompt and batch_ctx.key_mask.attend is not None
+    torch.testing.assert_close(batch_ctx.tokens[0, :n_prompt], alone_ctx.tokens[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch_ctx.pooled[0], alone_ctx.pooled[0], atol=1e-5, rtol=1e-5)
     x = torch.randn(1, 3, 8, 8)
     out_alone = model(x, t[:1], alone)
-    out_batch = model(torch.cat([x, torch.randn_like(x)]), t, batched)
+    x2 = torch.cat([x, torch.randn_like(x)])
+    out_batch = model(x2, t, batched)
     torch.testing.assert_close(out_batch[:1], out_alone, atol=1e-5, rtol=1e-5)
+    # prepared once per prompt and batched afterwards (as a sampler batches cond + uncond): the same
+    prepared = [PreparedBranch.cat([model.text.prepare(alone, torch.float32)[k],
+                                    model.text.prepare(encode_all(tiny_llms, [long_], template), torch.float32)[k]])
+                for k in range(len(alone))]
+    torch.testing.assert_close(model(x2, t, prepared), out_batch, atol=1e-5, rtol=1e-5)
 
 
 def test_collaborative_refiner_mixes_branches_and_handles_one_branch(tiny_llms):
@@ -117,16 +131,16 @@ def test_collaborative_refiner_mixes_branches_and_handles_one_branch(tiny_llms):
     base = encode_all(tiny_llms, ["a red circle"])
     other = encode_all(tiny_llms, ["a blue square"])
     t = torch.tensor([0.5])
-    ctx_a, _, _ = two.text(base, t)
-    ctx_b, _, _ = two.text([base[0], other[1]], t)  # only branch 2's prompt changes
+    ctx_a = context_of(two, base, t).tokens
+    ctx_b = context_of(two, [base[0], other[1]], t).tokens  # only branch 2's prompt changes
     n0 = int(base[0].prompt.sum())
     assert (ctx_a[0, :n0] - ctx_b[0, :n0]).abs().max() > 1e-4  # branch 1's tokens read branch 2
     one = LIDiTModel(with_branches(tiny(), [LLMBranch("tiny-llama", 64)])).init_weights()
     randomise_gates(one)
-    ctx, mask, pooled = one.text(base[:1], t)
+    ctx = context_of(one, base[:1], t).tokens
     assert ctx.shape == (1, n0, 32) and torch.isfinite(ctx).all()
     with pytest.raises(ValueError, match="has 1 LLM branches, got 2"):
-        one.text(base, t)
+        context_of(one, base, t)
 
 
 def test_empty_prompt_gives_finite_output(tiny_llms):
