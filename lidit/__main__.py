@@ -15,6 +15,7 @@ from .diffusion import sample
 from .instruction import PromptTemplate
 from .llm import encode, load_llm
 from .model import parameter_counts
+from .precision import DTYPE_CHOICES, parse_dtype
 
 
 def _config(target: str) -> LIDiTConfig:
@@ -50,7 +51,8 @@ def generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = load_checkpoint(args.checkpoint)
+    dtype = parse_dtype(args.dtype)
+    model = load_checkpoint(args.checkpoint, dtype=dtype)
     config = model.config
     branches = config.text.branches
     if len(args.llm) != len(branches):
@@ -59,7 +61,7 @@ def generate(args: argparse.Namespace) -> None:
     template = PromptTemplate.of(config.text)
     cond, uncond = [], []
     for folder, branch in zip(args.llm, branches):
-        llm = load_llm(folder, layer=branch.layer)
+        llm = load_llm(folder, layer=branch.layer, dtype=dtype)
         if llm.model.config.hidden_size != branch.hidden_size:
             raise SystemExit(f"{folder}: hidden size {llm.model.config.hidden_size}, but branch {branch.name} "
                              f"was trained with {branch.hidden_size}")
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--vae", help="diffusers AutoencoderKL folder, for latent checkpoints")
     p.add_argument("--out", type=Path, default=Path("lidit.png"))
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype of the LLMs and the model; auto: bf16 where the CPU has it natively, else fp32")
     p.set_defaults(run=generate)
     args = parser.parse_args(argv)
     args.run(args)

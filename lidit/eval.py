@@ -22,6 +22,7 @@ from .diffusion import sample
 from .instruction import PromptTemplate
 from .llm import LLM, encode, load_llm
 from .model import LIDiTModel
+from .precision import DTYPE_CHOICES, parse_dtype
 from .text import TextStates
 
 
@@ -52,9 +53,11 @@ def draw(model: LIDiTModel, llms: list[LLM], prompts: list[str], seed: int, step
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = load_checkpoint(args.checkpoint)
-    llms = [load_llm(folder, layer=b.layer) for folder, b in zip(args.llm, model.config.text.branches)]
-    results: dict = {"label": args.label or Path(args.checkpoint).stem, "checkpoint": str(args.checkpoint)}
+    dtype = parse_dtype(args.dtype)
+    model = load_checkpoint(args.checkpoint, dtype=dtype)
+    llms = [load_llm(folder, layer=b.layer, dtype=dtype) for folder, b in zip(args.llm, model.config.text.branches)]
+    results: dict = {"label": args.label or Path(args.checkpoint).stem, "checkpoint": str(args.checkpoint),
+                     "dtype": str(dtype).removeprefix("torch.")}
     started = time.time()
     for name, styles in (("plain", ("plain",)), ("paraphrase", scenes.HELDOUT_STYLES)):
         examples = scenes.eval_set(args.seed, args.count, styles=styles)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--samples", help="write a grid of the first 16 images here (PNG)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype of the LLMs and the model; auto: bf16 where the CPU has it natively, else fp32")
     p.set_defaults(run=run)
     p = sub.add_parser("report", help="table + chart from several result JSONs")
     p.add_argument("results", nargs="+")

@@ -60,7 +60,7 @@ def safe_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
 def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", trust_remote_code: bool = False,
              compute_device: torch.device | str | None = None) -> LLM:
-    """Local files only; `trust_remote_code` stays off unless the caller turns it on.
+    """Local files only, safetensors only; `trust_remote_code` stays off unless the caller turns it on.
 
     `layer` (an index into `hidden_states`) drops the layers after it; None keeps them all, for
     callers that pick the layer per encode. `compute_device` is where the model will run when a
@@ -72,6 +72,12 @@ def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json in it)")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise FileNotFoundError(
+            f"{path} holds no .safetensors weights{f' (only pickled {pickled[:3]})' if pickled else ''}. Pickled "
+            "weights can run code when loaded and are never read here: get the model's safetensors files, or convert "
+            "the folder once with transformers where you trust it (from_pretrained, then save_pretrained).")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path, **kw)
     text_config = config.get_text_config()
@@ -83,7 +89,8 @@ def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the weights of the cut layers and the LM head are skipped on purpose
     try:
-        model = AutoModel.from_pretrained(path, config=config, dtype=safe_dtype(dtype, compute_device or device), **kw)
+        model = AutoModel.from_pretrained(path, config=config, dtype=safe_dtype(dtype, compute_device or device),
+                                          use_safetensors=True, **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
     final_norm = getattr(model, "norm", None)
