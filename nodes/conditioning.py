@@ -6,13 +6,19 @@ Branches are concatenated along the sequence in refiner order and zero-padded to
 hidden size, so stock nodes (KSampler, CFGGuider, ...) carry it like any other conditioning.
 MASK marks real tokens, PROMPT the user's own prompt tokens (the rest is instruction and
 template scaffolding), LAYOUT each branch's hidden size and length, to cut the tensor apart.
+
+The tensor holds the LLMs' raw states in float32. The model turns them into `PreparedBranch`es
+once per sampling run (in `extra_conds`, before the host casts anything to the model's dtype,
+which raw states would overflow in float16) and carries those in a `CONDText`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..lidit.text import TextStates
+import comfy.conds
+
+from ..lidit.text import PreparedBranch, TextStates
 
 MASK = "lidit_mask"
 PROMPT = "lidit_prompt"
@@ -44,3 +50,25 @@ def unpack(context: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, layo
     for (hidden, _), h, m, p in zip(layout, context.split(lengths, 1), mask.split(lengths, -1), prompt.split(lengths, -1)):
         out.append(TextStates(h[..., :hidden], m.bool(), p.bool()))
     return out
+
+
+class CONDText(comfy.conds.CONDRegular):
+    """One prompt's prepared branches (a tuple, which the host passes through uncast).
+
+    It batches with prompts of other lengths, padding every branch and extending its masks, so a
+    prompt and its negative run in one forward (CONDRegular concatenates only equal shapes).
+    """
+
+    def process_cond(self, batch_size: int, **kwargs) -> "CONDText":
+        return self._copy_with(tuple(b.repeat_to(batch_size) for b in self.cond))
+
+    def can_concat(self, other: "CONDText") -> bool:
+        return len(self.cond) == len(other.cond) and self.cond[0].tokens.device == other.cond[0].tokens.device
+
+    def concat(self, others: list["CONDText"]) -> tuple[PreparedBranch, ...]:
+        rows = [self.cond, *(o.cond for o in others)]
+        return tuple(PreparedBranch.cat([r[k] for r in rows]) for k in range(len(self.cond)))
+
+    def size(self) -> list[int]:
+        """(batch, tokens, width), for the host's memory estimate."""
+        return [self.cond[0].tokens.shape[0], sum(b.tokens.shape[1] for b in self.cond), self.cond[0].tokens.shape[2]]

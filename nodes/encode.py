@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 import comfy.model_management as mm
 
 from ..lidit.instruction import INSTRUCTION_PRESETS, PromptTemplate, resolve_instruction
@@ -79,4 +81,7 @@ class LIDiTInstructedEncode:
         mm.load_models_gpu([llm.patcher], force_full_load=True)
         mm.throw_exception_if_processing_interrupted()
         states = encode(llm.llm, [text], template, max_tokens, hidden_layer).to(mm.intermediate_device())
+        if not torch.isfinite(states.hidden).all():
+            raise ValueError(f"{llm.name} produced inf/NaN hidden states in {llm.dtype}: its activations exceed that "
+                             "precision. Load it with dtype auto, bf16 or fp32 in the LI-DiT LLM Loader.")
         return (EncodedText(states, BranchIdentity(llm.name, llm.hidden_size, hidden_layer, template)),)

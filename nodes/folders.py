@@ -3,8 +3,11 @@
 Folders are appended, never inserted first, so a user's extra_model_paths.yaml (applied before
 custom nodes load) wins. A name is resolved in registration order, the first folder holding it
 wins, exactly as ComfyUI's own `get_full_path` does:
-  LLM:              extra_model_paths.yaml entries, <ComfyUI>/models/LLM, <pack>/models/LLM
-  diffusion_models: ComfyUI's own folders, extra_model_paths.yaml entries, <pack>/checkpoints
+  LLM:               extra_model_paths.yaml entries, <ComfyUI>/models/LLM, <pack>/models/LLM
+  LI-DiT checkpoints: the `diffusion_models` folders, then <pack>/checkpoints (key `lidit_checkpoints`)
+
+The pack's checkpoints get a key of their own: added to `diffusion_models`, they would show up in
+the stock "Load Diffusion Model" node, which cannot load them.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import folder_paths
 
 LLM_KEY = "LLM"
+CHECKPOINT_KEY = "lidit_checkpoints"
 PACK_DIR = Path(__file__).resolve().parents[1]
 PACK_LLM_DIR = PACK_DIR / "models" / "LLM"
 PACK_CHECKPOINT_DIR = PACK_DIR / "checkpoints"
@@ -22,7 +26,19 @@ PACK_CHECKPOINT_DIR = PACK_DIR / "checkpoints"
 def register_model_folders() -> None:
     folder_paths.add_model_folder_path(LLM_KEY, os.path.join(folder_paths.models_dir, "LLM"))
     folder_paths.add_model_folder_path(LLM_KEY, str(PACK_LLM_DIR))
-    folder_paths.add_model_folder_path("diffusion_models", str(PACK_CHECKPOINT_DIR))
+    folder_paths.folder_names_and_paths.setdefault(CHECKPOINT_KEY, ([], folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(CHECKPOINT_KEY, str(PACK_CHECKPOINT_DIR))
+
+
+def checkpoint_names() -> list[str]:
+    """The LI-DiT Loader's list: diffusion_models first, then the pack's checkpoints, each name once."""
+    names = folder_paths.get_filename_list("diffusion_models")
+    return names + [n for n in folder_paths.get_filename_list(CHECKPOINT_KEY) if n not in names]
+
+
+def resolve_checkpoint(name: str) -> Path:
+    path = folder_paths.get_full_path("diffusion_models", name) or folder_paths.get_full_path_or_raise(CHECKPOINT_KEY, name)
+    return Path(path)
 
 
 def llm_names() -> list[str]:
@@ -36,12 +52,18 @@ def llm_names() -> list[str]:
 
 
 def resolve_llm(name: str) -> Path:
-    """The folder of an LLM name, looked up only inside the registered LLM folders."""
-    if not name or name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
-        raise ValueError(f"LLM name {name!r} must be the name of a folder inside models/LLM, not a path")
+    """The folder of an LLM name, looked up only inside the registered LLM folders.
+
+    Judged on the joined, normalised path, not on the name's spelling: a name that leads anywhere
+    but a direct child of a registered folder (`..`, `a/b`, an absolute or drive-relative path such
+    as `C:foo`) is refused. A folder the user symlinked into models/LLM is theirs, and allowed.
+    """
     roots = folder_paths.get_folder_paths(LLM_KEY)
     for root in roots:
-        folder = Path(root) / name
+        base = Path(os.path.abspath(root))
+        folder = Path(os.path.abspath(base / name))
+        if not name or folder.parent != base or folder.name != name:
+            raise ValueError(f"LLM name {name!r} must be the name of a folder inside models/LLM, not a path")
         if (folder / "config.json").is_file():
             return folder
     raise FileNotFoundError(

@@ -15,6 +15,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..lidit.llm import LLM, load_llm
+from ..lidit.precision import cpu_has_native_bf16
 from .folders import llm_names, resolve_llm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,13 +49,17 @@ class LoadedLLM:
     def hidden_size(self) -> int:
         return self.llm.hidden_size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llm.model.parameters()).dtype
+
 
 def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device multiplies it natively, else fp32; never fp16, which LLM hidden states
+    overflow (Gemma-3's reach ~1e5, float16 stops at 65504)."""
     if mm.is_device_cpu(device):
-        return torch.float32
-    if mm.should_use_bf16(device):
-        return torch.bfloat16
-    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
 class LIDiTLLMLoader:
@@ -73,7 +78,8 @@ class LIDiTLLMLoader:
                                                   "Use the LLMs the LI-DiT checkpoint was trained with."}),
             "dtype": (["auto", "bf16", "fp16", "fp32"], {
                 "default": "auto",
-                "tooltip": "Weight precision. auto: fp32 on CPU, bf16 (or fp16) on GPUs. "
+                "tooltip": "Weight precision. auto: bf16 where the device computes it natively (most GPUs; CPUs with "
+                           "AVX512-BF16 or AMX), else fp32, never fp16: LLM states overflow it (e.g. Gemma's). "
                            "fp16 on CPU falls back to fp32 with a warning."}),
             "device": (["default", "cpu"], {
                 "default": "default",

@@ -1,33 +1,38 @@
 """LI-DiT Loader and the adapter that makes an LI-DiT checkpoint a standard ComfyUI MODEL.
 
 The MODEL behaves like any core model (KSampler, ModelSamplingSD3, CFGGuider, img2img all
-work): the config picks the sampling type (eps, v or flow with a shift) and the latent format;
-the network runs lidit's text pathway (refiners + collaborative refiner) at every step, where
-the timestep is known, and then the DiT.
+work): the config picks the sampling type (eps, v or flow with a shift) and the latent format.
+Once per sampling run, `extra_conds` prepares each prompt's text (everything in the text pathway
+that does not depend on t); at every step the network runs the refiners, the collaborative
+refiner and the DiT, with ComfyUI's attention. Weights are built from the host's ops, so fp16,
+fp8 storage, partial (lowvram) loading and LoRA patches work as for core models.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections import Counter
 
 import torch
-from safetensors.torch import load_file
 
-import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.supported_models_base
-import comfy.utils
 import folder_paths
+from comfy.cli_args import args
 
-from ..lidit.checkpoint import CheckpointError, read_config, validate_state_dict
+from ..lidit.checkpoint import SAFETENSORS_DTYPES, CheckpointError, load_into, read_config, read_header
 from ..lidit.config import LIDiTConfig
 from ..lidit.model import LIDiTModel
+from ..lidit.precision import cpu_has_native_bf16
 from . import conditioning
+from .attention import host_attend
 from .conditioning import LAYOUT, MASK, PROMPT
+from .folders import checkpoint_names, resolve_checkpoint
 
 LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.latent_formats.SD3,
                   "flux": comfy.latent_formats.Flux}
@@ -35,7 +40,10 @@ LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.lat
 DOWNSCALE = {"pixel": 1, "sd3": 8, "flux": 8}
 MODEL_TYPES = {"flow": comfy.model_base.ModelType.FLOW, "eps": comfy.model_base.ModelType.EPS,
                "v": comfy.model_base.ModelType.V_PREDICTION}
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the loader's weight_dtype options (as UNETLoader's, plus the plain float types); *_fast: fp8 matmuls where the GPU has them
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+TEXT = "lidit_text"  # the model kwarg that carries the prepared text (conditioning.CONDText)
 
 
 class LIDiTNet(LIDiTModel):
@@ -49,9 +57,10 @@ class LIDiTNet(LIDiTModel):
         super().__init__(lidit_config, ops=operations, dtype=dtype, device=device)
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = conditioning.unpack(context, kwargs[MASK], kwargs[PROMPT], kwargs[LAYOUT])
-        return super().forward(x, timesteps, texts)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options: dict = {},
+                **kwargs) -> torch.Tensor:
+        branches = [b.map(lambda t: t.to(x.device, x.dtype if t.is_floating_point() else None)) for b in kwargs[TEXT]]
+        return super().forward(x, timesteps, branches, host_attend(transformer_options, self.config.dit.depth))
 
 
 class LIDiTBaseModel(comfy.model_base.BaseModel):
@@ -63,17 +72,16 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
         return self.model_config.lidit_config
 
     def extra_conds(self, **kwargs):
+        """Once per prompt and sampling run: the text pathway's timestep-free work, from the raw
+        float32 states, in the compute dtype. Its outputs fit float16; the raw states would not."""
         if LAYOUT not in kwargs:
             raise ValueError("LI-DiT needs its conditioning from an LI-DiT Collaborative Fusion node; this one "
                              "came from elsewhere (e.g. CLIPTextEncode)")
-        out = super().extra_conds(**kwargs)
-        # CONDRegular, not CONDCrossAttn: padding by repetition would misalign the masks
-        out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
-        # as integers: the host casts floating (and bool) conds to the model dtype
-        out[MASK] = comfy.conds.CONDRegular(kwargs[MASK].long())
-        out[PROMPT] = comfy.conds.CONDRegular(kwargs[PROMPT].long())
-        out[LAYOUT] = comfy.conds.CONDConstant(kwargs[LAYOUT])
-        return out
+        texts = conditioning.unpack(kwargs["cross_attn"], kwargs[MASK], kwargs[PROMPT], kwargs[LAYOUT])
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        with torch.no_grad():
+            prepared = self.diffusion_model.text.prepare([t.to(kwargs["device"]) for t in texts], dtype)
+        return {TEXT: conditioning.CONDText(tuple(prepared))}
 
     def process_timestep(self, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
         """ComfyUI passes its model_sampling's timestep (possibly patched, e.g. by ModelSamplingSD3);
@@ -87,8 +95,7 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
 class LIDiTModelConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}  # BASE would otherwise inject num_heads and friends into the network's kwargs
-    # The host casts the LLM states to this dtype, and they exceed float16's range (Gemma-3's BOS ~1e5)
-    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
     def __init__(self, lidit_config: LIDiTConfig) -> None:
         self.lidit_config = lidit_config
@@ -108,30 +115,55 @@ def lidit_config_of(model: comfy.model_patcher.ModelPatcher) -> LIDiTConfig:
     return config
 
 
-def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
-    """Build the MODEL the checkpoint's own config describes and fill it; nothing is unpickled."""
+def inference_dtypes(option: str, stored: torch.dtype, params: int, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, manual-cast compute dtype or None), picked as ComfyUI picks them for core models,
+    except on CPUs that multiply bf16 natively: there `default` stores and computes in bf16, and no
+    choice computes in fp16 (400x slower than bf16 there). ComfyUI itself computes in fp32 on every CPU."""
+    supported = LIDiTModelConfig.supported_inference_dtypes
+    native_bf16 = mm.is_device_cpu(device) and cpu_has_native_bf16()
+    if option == "default":
+        weight = mm.unet_dtype(device, params, supported, stored)
+        if native_bf16 and weight == torch.float32 and not args.fp32_unet:
+            weight = torch.bfloat16
+    else:
+        weight = WEIGHT_DTYPES[option]
+    if native_bf16 and weight != torch.float32:
+        return weight, None if weight == torch.bfloat16 else torch.bfloat16
+    return weight, mm.unet_manual_cast(weight, device, supported)
+
+
+def build_lidit(path: str, dtype: torch.dtype, manual_cast: torch.dtype | None, load_device: torch.device,
+                fp8_optimizations: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """The MODEL the checkpoint's own config describes, its weights stored in `dtype`, computing in
+    `manual_cast` (None: in `dtype`), built from the ops ComfyUI picks for that pair. Nothing is unpickled."""
     name = os.path.basename(path)
-    if not path.endswith((".safetensors", ".sft")):
-        raise CheckpointError(f"{name}: LI-DiT checkpoints are .safetensors files")
     config = read_config(path)
     channels = LATENT_FORMATS[config.latent_format].latent_channels
     if config.dit.in_channels != channels:
         raise CheckpointError(f"{name}: its config says latent_format {config.latent_format!r} ({channels} channels) "
                               f"but dit.in_channels = {config.dit.in_channels}")
-    state = load_file(path)
     model_config = LIDiTModelConfig(config)
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = WEIGHT_DTYPES.get(weight_dtype) or mm.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(state), supported_dtypes=model_config.supported_inference_dtypes,
-        weight_dtype=comfy.utils.weight_dtype(state))
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes))
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model_config.optimizations["fp8"] = fp8_optimizations
+    offload_device = mm.unet_offload_device()
     model = model_config.get_model(device=offload_device)
-    validate_state_dict(model.diffusion_model, state, name)
-    model.diffusion_model.load_state_dict(state)
-    logging.info("LI-DiT: loaded %s (%s, %s latents, %d LLM branches: %s)", name, config.prediction,
-                 config.latent_format, len(config.text.branches),
+    load_into(path, model.diffusion_model, name)
+    logging.info("LI-DiT: loaded %s (%s, %s latents, weights %s, compute %s, %d LLM branches: %s)", name,
+                 config.prediction, config.latent_format, dtype, manual_cast or dtype, len(config.text.branches),
                  ", ".join(f"{b.name} ({b.hidden_size})" for b in config.text.branches))
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
+    if not path.endswith((".safetensors", ".sft")):
+        raise CheckpointError(f"{os.path.basename(path)}: LI-DiT checkpoints are .safetensors files")
+    _, header = read_header(path)
+    sizes = Counter()
+    for info in header.values():
+        sizes[SAFETENSORS_DTYPES[info["dtype"]]] += math.prod(info["shape"])
+    load_device = mm.get_torch_device()
+    dtype, manual_cast = inference_dtypes(weight_dtype, sizes.most_common(1)[0][0], sum(sizes.values()), load_device)
+    return build_lidit(path, dtype, manual_cast, load_device, fp8_optimizations=weight_dtype.endswith("_fast"))
 
 
 class LIDiTLoader:
@@ -146,12 +178,15 @@ class LIDiTLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "ckpt_name": (folder_paths.get_filename_list("diffusion_models"), {
+            "ckpt_name": (checkpoint_names(), {
                 "tooltip": "An LI-DiT checkpoint in models/diffusion_models (or the pack's checkpoints folder)."}),
             "weight_dtype": (["default", *WEIGHT_DTYPES], {
                 "default": "default",
-                "tooltip": "Weight precision; default lets ComfyUI pick for your device."}),
+                "tooltip": "Weight precision. default: as ComfyUI picks for your GPU (bf16, or fp16 where the GPU has "
+                           "no bf16); on CPUs with native bf16 (AVX512-BF16 or AMX) bf16, elsewhere on CPU fp32. "
+                           "fp8_*: weights stored in 8 bits and computed in bf16/fp16 (fp32 on CPUs without bf16); "
+                           "_fast uses fp8 matmuls where the GPU has them."}),
         }}
 
     def load(self, ckpt_name: str, weight_dtype: str) -> tuple[comfy.model_patcher.ModelPatcher]:
-        return (load_lidit(folder_paths.get_full_path_or_raise("diffusion_models", ckpt_name), weight_dtype),)
+        return (load_lidit(str(resolve_checkpoint(ckpt_name)), weight_dtype),)

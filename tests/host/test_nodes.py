@@ -63,7 +63,9 @@ def test_stock_sampling_reproduces_lidits_own_sampler(ckpt, scheduler, comfy_ser
     config = lidit_assets.config(ckpt)
     steps = config.steps if config.prediction == "flow" else 4  # 'normal' hits lidit's DDIM indices at 4
     graph = paper(steps=steps, scheduler=scheduler)
-    graph[DIT]["inputs"]["ckpt_name"] = ckpt
+    graph[DIT]["inputs"].update(ckpt_name=ckpt, weight_dtype="fp32")  # as lidit's sampler below
+    for loader in (SMOL_LOADER, GEMMA_LOADER):
+        graph[loader]["inputs"]["dtype"] = "fp32"
     _, entry = comfy_server.run(graph, timeout=300)
     [png] = comfy_server.output_images(entry, node_id=SAVE)
 
