@@ -12,7 +12,8 @@ One run, in order:
    are then released: the training loop never runs them.
 3. The loop: AdamW, warmup + constant/cosine/linear schedule, gradient accumulation, gradient
    clipping, EMA, caption dropout (the empty prompt, encoded with the same template, which is the
-   unconditional input at sampling), bf16 autocast on GPU.
+   unconditional input at sampling), bf16 autocast where the device has native bf16 (GPUs, and
+   CPUs with AVX512-BF16 or AMX).
 4. Every `checkpoint_every` steps and at the end: `model.safetensors` (the EMA weights in the
    lidit checkpoint format, with the command, the training config and stats in its metadata) and
    `resume/` (raw weights, EMA, optimiser state, step, RNG and data position: safetensors + JSON,
@@ -50,6 +51,7 @@ from .features import FeatureCache, FeatureTable, folder_identity
 from .instruction import PromptTemplate
 from .llm import load_llm
 from .model import LIDiTModel
+from .precision import compute_dtype, native_bf16
 
 _STARTED: float | None = time.time()  # the wall-clock budget counts from process start, feature caching included
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,11 +98,11 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
     device: str = "auto"                # auto | cpu | cuda
-    mixed_precision: str = "auto"       # auto (bf16 on GPU) | bf16 | no
+    mixed_precision: str = "auto"       # auto (bf16 autocast where the device has native bf16: GPUs, AVX512-BF16/AMX CPUs) | bf16 | no
     threads: int | None = None          # torch.set_num_threads
     llm_threads: int | None = None      # threads while encoding features (default: threads)
     llm_batch_size: int = 64
-    llm_dtype: str = "auto"             # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
+    llm_dtype: str = "auto"             # auto (bf16 where the device has native bf16, else float32) | float32 | bfloat16
     feature_dtype: str = "float16"
     save_dtype: str = "float32"         # dtype of model.safetensors
     fsdp: bool = False
@@ -434,8 +436,7 @@ def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path]
                    d: Dist) -> tuple[list[FeatureTable], list[dict]]:
     """Encode what is missing (ranks split the work), then load every caption's features."""
     template = PromptTemplate.of(model_cfg.text)
-    llm_dtype = (torch.bfloat16 if d.device.type == "cuda" else torch.float32) if cfg.llm_dtype == "auto" \
-        else DTYPES[cfg.llm_dtype]
+    llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
     tables, stats = [], []
     threads = torch.get_num_threads()
     if cfg.llm_threads:
@@ -719,7 +720,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         window = list(meta.get("loss_window", []))
         say(d, f"resumed from {resume} at step {step}")
 
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(d.device))
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     log_path = out / "log.jsonl"
     if d.main:  # a fresh run starts a fresh log; a resumed one drops what came after its state

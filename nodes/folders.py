@@ -51,21 +51,24 @@ def llm_names() -> list[str]:
     return sorted(names)
 
 
-def resolve_llm(name: str) -> Path:
-    """The folder of an LLM name, looked up only inside the registered LLM folders.
+def child(root: str, name: str, path=os.path) -> str | None:
+    """root/name when that is a direct child of root, judged on the joined, normalised path, not on
+    the name's spelling: `..`, `a/b`, absolute and drive-relative names (`C:foo`) lead elsewhere.
+    `path` is os.path (ntpath on Windows); a folder the user symlinked into root is theirs."""
+    base = path.abspath(root)
+    joined = path.abspath(path.join(base, name))
+    return joined if name and path.dirname(joined) == base and path.basename(joined) == name else None
 
-    Judged on the joined, normalised path, not on the name's spelling: a name that leads anywhere
-    but a direct child of a registered folder (`..`, `a/b`, an absolute or drive-relative path such
-    as `C:foo`) is refused. A folder the user symlinked into models/LLM is theirs, and allowed.
-    """
+
+def resolve_llm(name: str) -> Path:
+    """The folder of an LLM name, looked up only inside the registered LLM folders."""
     roots = folder_paths.get_folder_paths(LLM_KEY)
     for root in roots:
-        base = Path(os.path.abspath(root))
-        folder = Path(os.path.abspath(base / name))
-        if not name or folder.parent != base or folder.name != name:
+        folder = child(root, name)
+        if folder is None:
             raise ValueError(f"LLM name {name!r} must be the name of a folder inside models/LLM, not a path")
-        if (folder / "config.json").is_file():
-            return folder
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return Path(folder)
     raise FileNotFoundError(
         f"no LLM folder named {name!r} (with a config.json) in any registered LLM folder: {roots}. "
         f"Put the Hugging Face model folder at models/LLM/{name}/ (scripts/provision_llms.py fetches the "

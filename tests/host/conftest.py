@@ -74,3 +74,41 @@ def lidit_assets(comfy_models_dir: Path):
     import lidit_assets as assets
 
     return assets.provision(comfy_models_dir)
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """ComfyUI and the pack imported into this process (see tests/host/inproc.py)."""
+    import inproc
+
+    return inproc.load_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_pack_assets(pack, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two tiny random LLMs, registered in ComfyUI's LLM folders under names of their own, and a
+    tiny flow checkpoint for them: {'llms': [names], 'checkpoint': path}."""
+    import folder_paths
+
+    from tests.fixtures_models import build_tiny_checkpoint, build_tiny_llm, llm_branch, tiny_config
+
+    root = tmp_path_factory.mktemp("inproc")
+    folders = [build_tiny_llm(root / "LLM" / name, arch, hidden, chat)
+               for name, arch, hidden, chat in (("tiny-smol", "llama", 64, True), ("tiny-gemma", "gemma3", 48, False))]
+    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
+    ckpt = build_tiny_checkpoint(root / "tiny.safetensors", tiny_config([llm_branch(f) for f in folders]), seed=7)
+    return {"llms": [f.name for f in folders], "checkpoint": ckpt}
+
+
+DEMO_CHECKPOINT = harness.REPO_ROOT / "checkpoints" / "lidit-demo.safetensors"
+DEMO_LLMS = ["SmolLM2-135M-Instruct", "gemma-3-270m"]
+
+
+@pytest.fixture(scope="session")
+def demo_assets(pack) -> dict:
+    """The real demo checkpoint and LLMs (scripts/provision_llms.py), or a skip."""
+    missing = [p for p in [DEMO_CHECKPOINT, *(harness.REPO_ROOT / "models" / "LLM" / n / "config.json" for n in DEMO_LLMS)]
+               if not p.exists()]
+    if missing:
+        pytest.skip(f"needs the demo assets (scripts/provision_llms.py): missing {missing[0]}")
+    return {"llms": DEMO_LLMS, "checkpoint": DEMO_CHECKPOINT}

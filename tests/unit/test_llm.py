@@ -35,6 +35,21 @@ def test_loader_refuses_a_folder_without_config(tmp_path):
         load_llm(tmp_path)
 
 
+def test_a_folder_with_only_pickled_weights_is_refused_without_unpickling(tiny_llm_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    folder = shutil.copytree(tiny_llm_dirs["tiny-llama"], tmp_path / "pickled")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95 not to be read")
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(FileNotFoundError, match=r"no \.safetensors weights \(only pickled \['pytorch_model.bin'\]\)"):
+        load_llm(folder)
+
+
 def test_fp16_on_cpu_falls_back_with_a_warning(tiny_llm_dirs):
     with pytest.warns(UserWarning, match="float16"):
         llm = load_llm(tiny_llm_dirs["tiny-llama"], dtype=torch.float16)

@@ -124,6 +124,37 @@ def test_padding_invariance_and_instruction_drop(tiny_llms, drop):
     torch.testing.assert_close(model(x2, t, prepared), out_batch, atol=1e-5, rtol=1e-5)
 
 
+def test_a_step_on_prepared_text_never_reads_the_device(tiny_llms, monkeypatch):
+    """Token counts are Python ints from `prepare`: a sampling step has no host sync (.item(),
+    .tolist(), int(), bool() of a tensor), which would stall a GPU at every step."""
+    torch.manual_seed(0)
+    model = LIDiTModel(tiny()).init_weights()
+    randomise_gates(model)
+    prompts = ["a red circle", "a white circle, an orange square, a red triangle and a blue circle"]
+    prepared = model.text.prepare(encode_all(tiny_llms, prompts, PromptTemplate()), torch.float32)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("a device sync in the sampling step")
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([0.5, 0.5]), prepared)
+    monkeypatch.undo()
+    assert torch.isfinite(out).all()
+
+
+def test_an_all_zero_branch_carries_no_text(tiny_llms):
+    """ConditioningZeroOut zeroes a conditioning; LI-DiT reads zero tokens as no tokens at all."""
+    torch.manual_seed(0)
+    model = LIDiTModel(tiny()).init_weights()
+    randomise_gates(model)
+    texts = encode_all(tiny_llms, ["a red circle"])
+    zeroed = [TextStates(torch.zeros_like(t.hidden), t.mask, t.prompt) for t in texts]
+    nothing = [TextStates(t.hidden[:, :0], t.mask[:, :0], t.prompt[:, :0]) for t in texts]
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([0.4])
+    torch.testing.assert_close(model(x, t, zeroed), model(x, t, nothing))
+    assert (model(x, t, zeroed) - model(x, t, texts)).abs().max() > 1e-4
+
+
 def test_collaborative_refiner_mixes_branches_and_handles_one_branch(tiny_llms):
     torch.manual_seed(0)
     two = LIDiTModel(tiny()).init_weights()
