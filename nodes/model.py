@@ -132,26 +132,33 @@ def inference_dtypes(option: str, stored: torch.dtype, params: int, device: torc
     return weight, mm.unet_manual_cast(weight, device, supported)
 
 
+def new_lidit(config: LIDiTConfig, dtype: torch.dtype, manual_cast: torch.dtype | None, load_device: torch.device,
+              fp8_optimizations: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """An LI-DiT MODEL with unfilled weights stored in `dtype`, computing in `manual_cast` (None: in
+    `dtype`), built from the ops ComfyUI picks for that pair (`comfy.ops.pick_operations`)."""
+    model_config = LIDiTModelConfig(config)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model_config.optimizations["fp8"] = fp8_optimizations
+    offload_device = mm.unet_offload_device()
+    model = model_config.get_model(device=offload_device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
 def build_lidit(path: str, dtype: torch.dtype, manual_cast: torch.dtype | None, load_device: torch.device,
                 fp8_optimizations: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """The MODEL the checkpoint's own config describes, its weights stored in `dtype`, computing in
-    `manual_cast` (None: in `dtype`), built from the ops ComfyUI picks for that pair. Nothing is unpickled."""
+    """The MODEL the checkpoint's own config describes, filled from it. Nothing is unpickled."""
     name = os.path.basename(path)
     config = read_config(path)
     channels = LATENT_FORMATS[config.latent_format].latent_channels
     if config.dit.in_channels != channels:
         raise CheckpointError(f"{name}: its config says latent_format {config.latent_format!r} ({channels} channels) "
                               f"but dit.in_channels = {config.dit.in_channels}")
-    model_config = LIDiTModelConfig(config)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model_config.optimizations["fp8"] = fp8_optimizations
-    offload_device = mm.unet_offload_device()
-    model = model_config.get_model(device=offload_device)
-    load_into(path, model.diffusion_model, name)
+    patcher = new_lidit(config, dtype, manual_cast, load_device, fp8_optimizations)
+    load_into(path, patcher.model.diffusion_model, name)
     logging.info("LI-DiT: loaded %s (%s, %s latents, weights %s, compute %s, %d LLM branches: %s)", name,
                  config.prediction, config.latent_format, dtype, manual_cast or dtype, len(config.text.branches),
                  ", ".join(f"{b.name} ({b.hidden_size})" for b in config.text.branches))
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return patcher
 
 
 def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:

@@ -1,0 +1,182 @@
+"""LI-DiT-1B against ComfyUI's own PixArt in ComfyUI's sampling, as users run them, in one process.
+
+Both MODELs come from ComfyUI's machinery (PixArt: `comfy.supported_models`; LI-DiT: the pack's
+loader path) with the same random weights scale, the same width (1152), heads (16), patch (2),
+latent size and DiT text length (120 tokens; LI-DiT: 60 prompt tokens per LLM branch after 40
+instruction tokens, which the refiners see and the DiT does not). Each is timed through
+`comfy.sample.sample` (KSampler's path) at cfg > 1, the negative being an empty prompt: ComfyUI
+batches it with the prompt, so a step is one forward at batch 2. The models are timed in turn,
+round after round, so drifts of a shared machine hit all of them alike; a ratio's interval is the
+95% t-interval of the per-round ratios.
+
+Rows: LI-DiT as it runs by default (bf16 where the CPU has it natively, else fp32) and in fp32;
+PixArt as ComfyUI runs it on a CPU (fp32), and in bf16. GFLOP/s are the FLOPs torch's counter
+sees in one step over the step's time, against the measured matmul peak of that dtype.
+
+    .venv/bin/python scripts/bench_host.py                 # depth 4, 384 px, 5 rounds (minutes on 2 cores)
+    .venv/bin/python scripts/bench_host.py --depth 28 --resolution 1024 --rounds 3   # a GPU's table
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "host"))
+
+import inproc  # noqa: E402  (ComfyUI + the pack in this process, as the tests use them)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Small random weights (uninitialised memory can hold denormals that slow CPUs down)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def lidit_model(depth: int, dtype: torch.dtype, cast: torch.dtype | None, device: torch.device):
+    from lidit.config import preset
+
+    config = preset("lidit-1b")
+    config = dataclasses.replace(config, dit=dataclasses.replace(config.dit, depth=depth))
+    patcher = inproc.sub("nodes.model").new_lidit(config, dtype, cast, device)
+    randomise(patcher.model.diffusion_model)
+    return patcher
+
+
+def lidit_conds(patcher, instruction: int, prompt: int) -> tuple[list, list]:
+    """A prompt and an empty negative, packed as Collaborative Fusion packs them."""
+    text, pack = inproc.sub("lidit.text"), inproc.sub("nodes.conditioning").pack
+    config = inproc.sub("nodes.model").lidit_config_of(patcher)
+    gen = torch.Generator().manual_seed(1)
+
+    def branch(hidden: int, n_prompt: int):
+        n = instruction + n_prompt
+        mask = torch.ones(1, n, dtype=torch.bool)
+        is_prompt = torch.arange(n)[None] >= instruction
+        return text.TextStates(torch.randn(1, n, hidden, generator=gen), mask, is_prompt)
+
+    def cond(n_prompt: int) -> list:
+        tensor, extras = pack([branch(b.hidden_size, n_prompt) for b in config.text.branches])
+        return [[tensor, extras]]
+    return cond(prompt), cond(0)
+
+
+def pixart_model(depth: int, dtype: torch.dtype, cast: torch.dtype | None, device: torch.device):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.PixArtSigma({"image_model": "pixart_sigma", "depth": depth, "hidden_size": 1152,
+                                                 "num_heads": 16, "patch_size": 2, "in_channels": 4,
+                                                 "micro_condition": False, "model_max_length": 120})
+    config.set_inference_dtype(dtype, cast)
+    model = config.get_model({}, device=torch.device("cpu"))
+    randomise(model.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def pixart_conds(tokens: int) -> tuple[list, list]:
+    gen = torch.Generator().manual_seed(1)
+    return ([[torch.randn(1, tokens, 4096, generator=gen), {}]], [[torch.randn(1, tokens, 4096, generator=gen), {}]])
+
+
+def sample_seconds(patcher, conds, latent_side: int, channels: int, steps: int, cfg: float) -> float:
+    import comfy.sample
+
+    latent = torch.zeros(1, channels, latent_side, latent_side)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    start = time.perf_counter()
+    comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", conds[0], conds[1], latent, seed=0,
+                        disable_pbar=True)
+    return time.perf_counter() - start
+
+
+def step_flops(patcher, conds, latent_side: int, channels: int, cfg: float) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        sample_seconds(patcher, conds, latent_side, channels, 1, cfg)
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=384,
+                        help="pixels; latents are 8x smaller (ComfyUI's PixArt fails below 384: its position table base size rounds to 0)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cfg", type=float, default=4.5)
+    args = parser.parse_args()
+
+    pack = inproc.load_pack()  # noqa: F841  (sets up ComfyUI first)
+    import comfy.model_management as mm
+    from lidit.precision import compute_dtype
+
+    device = mm.get_torch_device()
+    native = compute_dtype(device)
+    side = args.resolution // 8
+    runs = {  # name -> (model, conds, latent channels, compute dtype)
+        f"LI-DiT-1B, default ({str(native)[6:]})": (lidit_model(args.depth, native, None, device), None, 16, native),
+        "LI-DiT-1B, fp32": (lidit_model(args.depth, torch.float32, None, device), None, 16, torch.float32),
+        "PixArt, ComfyUI default (fp32)": (pixart_model(args.depth, torch.float32, None, device), pixart_conds(120), 4,
+                                           torch.float32),
+        "PixArt, bf16": (pixart_model(args.depth, torch.bfloat16, None, device), pixart_conds(120), 4, torch.bfloat16),
+    }
+    runs = {name: (m, c or lidit_conds(m, 40, 60), ch, dt) for name, (m, c, ch, dt) in runs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for name, (model, conds, channels, _) in runs.items():  # warm-up
+        sample_seconds(model, conds, side, channels, 1, args.cfg)
+    for _ in range(args.rounds):
+        for name, (model, conds, channels, _) in runs.items():
+            seconds[name].append(sample_seconds(model, conds, side, channels, args.steps, args.cfg) / args.steps)
+    peaks = {dt: matmul_peak(dt) for dt in {torch.float32, torch.bfloat16}}
+
+    print(f"depth {args.depth}, {args.resolution} px ({side}x{side} latents), cfg {args.cfg} (prompt + negative in one "
+          f"batch), {args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} threads, {device}")
+    print(f"matmul peak: fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s")
+    print("| model | s/step (95% CI) | GFLOP/step | GFLOP/s | of matmul peak |")
+    print("|---|---|---|---|---|")
+    for name, (model, conds, channels, dtype) in runs.items():
+        mean, half = interval(seconds[name])
+        flops = step_flops(model, conds, side, channels, args.cfg)
+        print(f"| {name} | {mean:.3f} ± {half:.3f} | {flops / 1e9:.1f} | {flops / mean / 1e9:.0f} | "
+              f"{flops / mean / peaks[dtype]:.0%} |")
+    names = list(runs)
+    print(f"\n| ratio (per-round, n = {args.rounds}) | mean (95% CI) |")
+    print("|---|---|")
+    for a, b in ((names[0], names[2]), (names[1], names[2]), (names[0], names[3])):
+        mean, half = interval([x / y for x, y in zip(seconds[a], seconds[b])])
+        print(f"| {a} / {b} | {mean:.2f}x ± {half:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

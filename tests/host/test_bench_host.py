@@ -1,0 +1,17 @@
+"""The host benchmark runs through ComfyUI's sampling and prints its table and ratios (at a tiny
+size here; its real run is a command of its own, see the README)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_host_prints_times_flops_and_ratios_at_tiny_depth():
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_host.py"), "--depth", "1", "--rounds", "2",
+                          "--steps", "1", "--resolution", "384"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = re.findall(r"^\| (LI-DiT-1B|PixArt)[^|]*\| ([\d.]+) ± [\d.na]+ \| ([\d.]+) \|", run.stdout, re.M)
+    assert len(rows) == 4 and all(float(seconds) > 0 and float(gflop) > 0 for _, seconds, gflop in rows)
+    assert len(re.findall(r"^\| LI-DiT-1B.* / PixArt.*\| [\d.]+x ± ", run.stdout, re.M)) == 3
