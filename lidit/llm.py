@@ -10,6 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -57,13 +58,13 @@ def safe_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
-def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype = torch.float32,
+def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", trust_remote_code: bool = False,
              compute_device: torch.device | str | None = None) -> LLM:
     """Local files only, safetensors only; `trust_remote_code` stays off unless the caller turns it on.
 
-    `layer` (an index into `hidden_states`) drops the layers after it; None keeps them all, for
-    callers that pick the layer per encode. `compute_device` is where the model will run when a
+    `layer` (an index into `hidden_states`, or several) drops the layers after the deepest; None
+    keeps them all, for callers that pick the layer per encode. `compute_device` is where the model will run when a
     host parks it on `device` in between (default: `device`); the fp16 fallback is judged there.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -82,7 +83,7 @@ def load_llm(path: str | os.PathLike, layer: int | None = -3, dtype: torch.dtype
     config = AutoConfig.from_pretrained(path, **kw)
     text_config = config.get_text_config()
     total = text_config.num_hidden_layers
-    keep = total if layer is None else layers_needed(total, layer)
+    keep = total if layer is None else max(layers_needed(total, k) for k in ([layer] if isinstance(layer, int) else layer))
     text_config.num_hidden_layers = keep
     if isinstance(getattr(text_config, "layer_types", None), list):
         text_config.layer_types = text_config.layer_types[:keep]

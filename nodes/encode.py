@@ -77,6 +77,7 @@ class LIDiTInstructedEncode:
                chat_template: bool, hidden_layer: int, max_tokens: int) -> tuple[EncodedText]:
         template = PromptTemplate(resolve_instruction(instruction, custom_instruction), system_prompt.strip(),
                                   chat_template)
+        llm.serve(hidden_layer)
         # whole: transformers modules cannot stream weights per layer as comfy.ops layers do
         mm.load_models_gpu([llm.patcher], force_full_load=True)
         mm.throw_exception_if_processing_interrupted()

@@ -172,6 +172,27 @@ def test_interrupt_stops_sampling_and_the_next_prompt_runs(comfy_server, lidit_a
     assert_still_serving(comfy_server)
 
 
+def test_llm_is_cut_after_the_deepest_layer_the_graph_asks_and_reloaded_deeper_on_demand(comfy_server, lidit_assets) -> None:
+    import re
+
+    def loaded_layers(since: int) -> list[tuple[int, int]]:
+        log = comfy_server.log_text(since=since)
+        return [(int(k), int(n)) for k, n in re.findall(rf"loaded LLM {assets.SMOL} from .* \((\d+) of (\d+) layers", log)]
+
+    graph = paper(steps=1)
+    graph[SMOL_LOADER]["inputs"]["dtype"] = "fp32"  # inputs of its own: this loader runs afresh
+    mark = comfy_server.log_size()
+    comfy_server.run(graph, timeout=120)
+    [(kept, total)] = loaded_layers(mark)
+    assert kept == total - 2  # hidden_states[-3]: the last two layers are never loaded
+    deeper = graphs.fresh(graph)
+    for encode in ("3", "5"):  # the SmolLM2 encodes (prompt, negative) now ask for the last layer
+        deeper[encode]["inputs"]["hidden_layer"] = -1
+    mark = comfy_server.log_size()
+    comfy_server.run(deeper, timeout=120)  # the loader comes from the cache, cut too short
+    assert loaded_layers(mark) == [(total, total)]
+
+
 def test_llm_list_holds_only_folders_with_a_config(comfy_server, comfy_models_dir, lidit_assets) -> None:
     (comfy_models_dir / "LLM" / "not-a-model").mkdir(exist_ok=True)
     options = comfy_server.object_info("LIDiTLLMLoader")["input"]["required"]["llm_name"][0]

@@ -27,7 +27,9 @@ def pack_nodes(object_info: dict[str, Any]) -> dict[str, Any]:
 
 def stable_view(info: dict[str, Any]) -> dict[str, Any]:
     """The parts that saved workflows and users depend on; tooltips and descriptions may change."""
-    def spec(name: str, s: list) -> list:
+    def spec(name: str, s: list | str) -> list:
+        if isinstance(s, str):  # a hidden input: the host's value (PROMPT, UNIQUE_ID)
+            return [s, {}]
         kind = "COMBO(host list)" if name in HOST_LISTS else s[0]
         opts = {k: v for k, v in (s[1] if len(s) > 1 else {}).items() if k != "tooltip"}
         return [kind, opts]
@@ -71,6 +73,8 @@ def test_every_node_is_prefixed_named_and_every_input_has_a_tooltip(comfy_server
     for name, info in nodes.items():
         assert name.startswith(PREFIX) and info["display_name"].startswith("LI-DiT "), name
         assert info["description"], name
-        for section in info["input"].values():
+        for kind, section in info["input"].items():
+            if kind == "hidden":  # the host's values (PROMPT, UNIQUE_ID), no widgets
+                continue
             for input_name, s in section.items():
                 assert s[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
