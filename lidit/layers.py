@@ -93,10 +93,11 @@ class Attention(nn.Module):
         context = x if context is None else context
         if context.shape[1] == 0:  # nothing to attend to: the attention contributes nothing
             return self.out(x.new_zeros(b, n, d))
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # QK-norm over head_dim before moving heads forward, while that dim is still contiguous
+        q = self.q_norm(self.q(x).view(b, n, self.heads, -1)).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).unbind(2)
         mask = None if key_mask is None else key_mask.attend
-        out = attend(self.q_norm(q), self.k_norm(k), v, mask, site)
+        out = attend(q, self.k_norm(k).transpose(1, 2), v.transpose(1, 2), mask, site)
         return self.out(out if key_mask is None else key_mask.apply(out))
 
 
