@@ -9,11 +9,13 @@ would keep every page of the file resident beside the model).
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -39,25 +41,97 @@ def save_checkpoint(path: str | os.PathLike, model: LIDiTModel, extra: Mapping[s
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict], dict[str, str]]:
+    """(offset of the data, {key: {dtype, shape, data_offsets}}, metadata) of a safetensors file,
+    checked before anything is read past the header: every failure names the file, what is wrong
+    with it and what to do."""
+    name, size = os.path.basename(path), os.path.getsize(path)
+    again = "Download or export it again."
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > min(MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{name} is not a safetensors file: its first bytes announce a {length}-byte header in a {size}-byte "
+                f"file. It may be another format renamed to .safetensors, or a download cut short. {again}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{name}: its safetensors header is not valid JSON ({e}). {again}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: its safetensors header is not a JSON object. {again}")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for key, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, stop = info["data_offsets"]
+            numel = math.prod(info["shape"])
+            ok = all(isinstance(n, int) and n >= 0 for n in (*info["shape"], begin, stop))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or stop - begin != numel * dtype.itemsize:
+            raise CheckpointError(f"{name}: the header entry of {key!r} is malformed or of an unsupported dtype "
+                                  f"({str(info)[:120]}). {again}")
+        end = max(end, stop)
+    if 8 + length + end > size:
+        raise CheckpointError(f"{name} is truncated: its header describes {8 + length + end} bytes, the file has "
+                              f"{size}. The download or copy was cut short. {again}")
+    return 8 + length, header, metadata
+
+
+def config_of(metadata: Mapping[str, str], name: str) -> LIDiTConfig:
+    """The config in a checkpoint's metadata, checked (field ranges included) before any model is built."""
     if "lidit_config" not in metadata:
-        raise CheckpointError(f"{path} is not an LI-DiT checkpoint: its metadata has no 'lidit_config'")
+        raise CheckpointError(f"{name} is not an LI-DiT checkpoint: its metadata has no 'lidit_config'. "
+                              "Load it with the loader of the model it belongs to.")
+    try:
+        return LIDiTConfig.from_json(metadata["lidit_config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: the 'lidit_config' in its metadata is invalid: {type(e).__name__}: {e}. "
+                              "The file was damaged or written by other software; export it again with lidit's "
+                              "trainer.") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    metadata = read_header(path)[2]
+    config_of(metadata, os.path.basename(path))
     return metadata
 
 
 def read_config(path: str | os.PathLike) -> LIDiTConfig:
-    return LIDiTConfig.from_json(read_metadata(path)["lidit_config"])
+    return config_of(read_header(path)[2], os.path.basename(path))
 
 
-def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict]]:
-    """(offset of the data, {key: {dtype, shape, data_offsets}}) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
+@dataclass
+class CheckpointFile:
+    """A checkpoint whose header and config were read once and checked against each other on the
+    meta device: nothing is allocated for a file that cannot fill the model it describes."""
+
+    path: str
+    config: LIDiTConfig
+    start: int
+    header: dict[str, dict]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "CheckpointFile":
+        name = os.path.basename(path)
+        start, header, metadata = read_header(path)
+        config = config_of(metadata, name)
+        with torch.device("meta"):
+            expected = LIDiTModel(config)
+        validate_state_dict(expected, {k: v["shape"] for k, v in header.items()}, name)
+        return cls(os.fspath(path), config, start, header)
+
+    def stored_dtype(self) -> tuple[torch.dtype, int]:
+        """The dtype most of the weights are stored in, and the number of values."""
+        counts = Counter()
+        for info in self.header.values():
+            counts[SAFETENSORS_DTYPES[info["dtype"]]] += math.prod(info["shape"])
+        return counts.most_common(1)[0][0], sum(counts.values())
 
 
 def validate_state_dict(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> None:
@@ -78,14 +152,12 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 @torch.no_grad()
-def load_into(path: str | os.PathLike, model: nn.Module, source: str | None = None) -> None:
+def load_into(file: CheckpointFile, model: nn.Module) -> None:
     """Fill the model's parameters and buffers (any dtype and device: values are cast) from the file."""
-    start, header = read_header(path)
-    validate_state_dict(model, {k: v["shape"] for k, v in header.items()}, source or os.fspath(path))
-    with open(path, "rb", buffering=0) as f:
+    with open(file.path, "rb", buffering=0) as f:
         for key, target in model.state_dict(keep_vars=True).items():
-            info = header[key]
-            f.seek(start + info["data_offsets"][0])
+            info = file.header[key]
+            f.seek(file.start + info["data_offsets"][0])
             stored = SAFETENSORS_DTYPES[info["dtype"]]
             if stored == target.dtype and target.is_contiguous() and target.device.type == "cpu":
                 f.readinto(_bytes(target))
@@ -102,7 +174,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     `dtype` applies to the parameters; buffers (FeatureNorm's statistics) stay float32, which
     their range needs.
     """
-    config = read_config(path)
-    model = LIDiTModel(config, dtype=dtype, device="meta").to_empty(device="cpu")
-    load_into(path, model)
+    file = CheckpointFile.open(path)
+    model = LIDiTModel(file.config, dtype=dtype, device="meta").to_empty(device="cpu")
+    load_into(file, model)
     return model.to(device).eval()

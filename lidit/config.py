@@ -15,6 +15,16 @@ PAPER_INSTRUCTION = (
     "and spatial relationships of the objects:"
 )
 
+#: what a config may hold, checked before any model is built: a damaged or hostile checkpoint's
+#: metadata must not make a loader allocate terabytes (dotted field -> inclusive bounds)
+LIMITS: dict[str, tuple[float, float]] = {
+    "text.width": (1, 65536), "text.heads": (1, 1024), "text.refiner_depth": (0, 256), "text.collab_depth": (0, 256),
+    "text.mlp_ratio": (0.01, 64), "text.max_tokens": (1, 1_048_576), "text.branches": (1, 64),
+    "branch.hidden_size": (1, 65536), "branch.layer": (-4096, 4096),
+    "dit.depth": (1, 1024), "dit.hidden": (1, 65536), "dit.heads": (1, 1024), "dit.patch": (1, 256),
+    "dit.in_channels": (1, 4096), "dit.mlp_ratio": (0.01, 64),
+    "shift": (1e-6, 1_000_000), "resolution": (1, 1_048_576), "steps": (1, 1_048_576), "cfg": (0, 1_000_000),
+}
 PREDICTIONS = ("eps", "v", "flow")
 DROP_INSTRUCTION = ("after_collab", "after_llm")
 LATENT_FORMATS = ("pixel", "sd3", "flux")
@@ -91,6 +101,11 @@ class LIDiTConfig:
     cfg: float = 4.5
 
     def __post_init__(self) -> None:
+        for name, value in self._bounded_values():
+            low, high = LIMITS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"config field {name} = {value!r} is out of range: it must be a number from {low} "
+                                 f"to {high}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.x_param and self.prediction != "flow":
@@ -105,6 +120,16 @@ class LIDiTConfig:
                                   (self.dit.hidden, self.dit.heads, "dit")):
             if size % heads:
                 raise ValueError(f"{what} width {size} is not divisible by its {heads} heads")
+
+    def _bounded_values(self):
+        """(dotted field, value) for every field in LIMITS; `branch.*` once per LLM branch."""
+        yield "text.branches", len(self.text.branches)
+        for branch in self.text.branches:
+            yield from ((f"branch.{f}", getattr(branch, f)) for f in ("hidden_size", "layer"))
+        for prefix, part in (("text.", self.text), ("dit.", self.dit), ("", self)):
+            for f in dataclasses.fields(part):
+                if prefix + f.name in LIMITS and f.name != "branches":
+                    yield prefix + f.name, getattr(part, f.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

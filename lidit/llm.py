@@ -10,13 +10,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .instruction import PromptTemplate, tokenize_prompts
 from .text import TextStates
+
+
+#: a folder needs one of these for AutoTokenizer (else transformers asks for sentencepiece or tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 class _Stop(Exception):
@@ -79,8 +83,15 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
             f"{path} holds no .safetensors weights{f' (only pickled {pickled[:3]})' if pickled else ''}. Pickled "
             "weights can run code when loaded and are never read here: get the model's safetensors files, or convert "
             "the folder once with transformers where you trust it (from_pretrained, then save_pretrained).")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): copy them from "
+                                "the model's repository into the folder, beside config.json.")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(path, **kw)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'} cannot be read as a transformers config: {e}. Get the model "
+                         "folder again, or a transformers version that knows its architecture.") from None
     text_config = config.get_text_config()
     total = text_config.num_hidden_layers
     keep = total if layer is None else max(layers_needed(total, k) for k in ([layer] if isinstance(layer, int) else layer))
@@ -96,7 +107,10 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
         hf_logging.set_verbosity(verbosity)
     final_norm = getattr(model, "norm", None)
     if not isinstance(final_norm, nn.Module) or not isinstance(getattr(model, "layers", None), nn.ModuleList):
-        raise NotImplementedError(f"{type(model).__name__} has no `layers` + `norm` decoder layout to cut")
+        raise NotImplementedError(
+            f"{path.name}: {type(model).__name__} is not a decoder-only text LLM with a `layers` + `norm` stack. "
+            "LI-DiT encodes with text LLMs such as Llama, Qwen2, Gemma, SmolLM2 and Mistral; vision-language "
+            "folders (Qwen2.5-VL, LLaVA) are not supported yet.")
     model.norm = nn.Identity()  # hidden_states[i < total] are raw layer outputs; only the last is normed
     model.requires_grad_(False).eval().to(device)
     final_norm.requires_grad_(False).to(device)
@@ -104,33 +118,40 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     return LLM(model, tokenizer, path.name, total, final_norm)
 
 
-def _run_to_layer(llm: LLM, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """hidden_states[k]: the input of decoder layer k, caught by a hook that stops the forward."""
+def _run_to_layer(llm: LLM, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
+                  check: Callable[[], None] | None = None) -> torch.Tensor:
+    """hidden_states[k]: the input of decoder layer k, caught by a hook that stops the forward.
+    `check` runs before every layer computed (a host's interrupt check: a long prompt takes a while)."""
     loaded = len(llm.model.layers)
     if k > loaded:
         raise ValueError(f"{llm.name} was loaded with {loaded} of {llm.total_layers} layers; "
                          f"hidden layer index {k} needs {k}: load it with more layers")
-    if k == loaded:
-        hidden = llm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return llm.final_norm(hidden) if k == llm.total_layers else hidden
 
     def stop(_module, args, kwargs):
         raise _Stop(args[0] if args else kwargs["hidden_states"])
 
-    handle = llm.model.layers[k].register_forward_pre_hook(stop, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(lambda *_: check()) for layer in llm.model.layers[:k]] if check else []
+    if k < loaded:
+        handles.append(llm.model.layers[k].register_forward_pre_hook(stop, with_kwargs=True))
     try:
-        llm.model(input_ids=input_ids, attention_mask=mask)
+        hidden = llm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
     except _Stop as caught:
         return caught.hidden
     finally:
-        handle.remove()
-    raise RuntimeError(f"{llm.name}: decoder layer {k} was never reached")
+        for handle in handles:
+            handle.remove()
+    if k < loaded:
+        raise RuntimeError(f"{llm.name}: decoder layer {k} was never reached")
+    return llm.final_norm(hidden) if k == llm.total_layers else hidden
 
 
 @torch.no_grad()
-def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: int, layer: int = -3) -> TextStates:
-    """Hidden states `hidden_states[layer]` for a batch of prompts, on the LLM's device, in float32."""
+def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: int, layer: int = -3,
+           check: Callable[[], None] | None = None) -> TextStates:
+    """Hidden states `hidden_states[layer]` for a batch of prompts, on the LLM's device, in float32.
+    `check` is called before every decoder layer (e.g. to honour a host's interrupt)."""
     batch = tokenize_prompts(llm.tokenizer, prompts, template, max_tokens)
     mask = batch.mask.to(llm.device)
-    hidden = _run_to_layer(llm, batch.input_ids.to(llm.device), mask.long(), layers_needed(llm.total_layers, layer))
+    hidden = _run_to_layer(llm, batch.input_ids.to(llm.device), mask.long(), layers_needed(llm.total_layers, layer),
+                           check)
     return TextStates(hidden.float() * mask[..., None], mask, batch.prompt.to(llm.device))

@@ -1,11 +1,18 @@
 """The packed LI-DiT CONDITIONING: every LLM branch of one prompt in one standard entry.
 
-    [[tensor (B, L1 + L2 + ..., max D_k), {MASK: (B, L) bool, PROMPT: (B, L) bool, LAYOUT: ((D_1, L_1), ...)}]]
+    [[tensor (B, L1 + L2 + ..., max D_k), {MASK: (B, L) bool, PROMPT: (B, L) bool, LAYOUT: ((D_1, L_1), ...),
+                                          FINGERPRINT: (sum, sum of squares) of the tensor}]]
 
 Branches are concatenated along the sequence in refiner order and zero-padded to the widest
 hidden size, so stock nodes (KSampler, CFGGuider, ...) carry it like any other conditioning.
 MASK marks real tokens, PROMPT the user's own prompt tokens (the rest is instruction and
 template scaffolding), LAYOUT each branch's hidden size and length, to cut the tensor apart.
+
+Stock nodes that rewrite a conditioning's tensor but keep its extras (ConditioningAverage blends
+token by token and cuts or pads to the other's length; ConditioningConcat appends) would mix the
+branches silently: FINGERPRINT tells that the tensor is no longer the one Fusion packed, and the
+model refuses it with an error that says what to use instead. An all-zero tensor
+(ConditioningZeroOut) is the one change that has a meaning: no text.
 
 The tensor holds the LLMs' raw states in float32. The model turns them into `PreparedBranch`es
 once per sampling run (in `extra_conds`, before the host casts anything to the model's dtype,
@@ -23,6 +30,11 @@ from ..lidit.text import PreparedBranch, TextStates
 MASK = "lidit_mask"
 PROMPT = "lidit_prompt"
 LAYOUT = "lidit_layout"
+FINGERPRINT = "lidit_fingerprint"
+CHANGED = ("a node between LI-DiT Collaborative Fusion and the sampler changed the LI-DiT conditioning's tensor "
+           "({what}). Stock nodes such as ConditioningAverage and ConditioningConcat blend or join tensors position by "
+           "position, which mixes LI-DiT's LLM branches into a wrong image. To mix two LI-DiT prompts use "
+           "ConditioningCombine, which keeps each prompt whole, or write the mix into one prompt.")
 
 Layout = tuple[tuple[int, int], ...]
 
@@ -34,18 +46,25 @@ def pack(texts: list[TextStates]) -> tuple[torch.Tensor, dict]:
         MASK: torch.cat([t.mask for t in texts], dim=1),
         PROMPT: torch.cat([t.prompt for t in texts], dim=1),
         LAYOUT: tuple((t.hidden_size, t.hidden.shape[1]) for t in texts),
+        FINGERPRINT: fingerprint(tensor),
     }
     return tensor, extras
 
 
-def unpack(context: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, layout: Layout) -> list[TextStates]:
-    """The branches back, in refiner order. Masks may arrive as 0/1 numbers (hosts cast them)."""
+def fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
+    x = tensor.double()
+    return x.sum().item(), x.square().sum().item()
+
+
+def unpack(context: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, layout: Layout,
+           packed: tuple[float, float] | None = None) -> list[TextStates]:
+    """The branches back, in refiner order, once the tensor is known to be the one packed (its
+    `packed` fingerprint). Masks may arrive as 0/1 numbers (hosts cast them)."""
     lengths = [length for _, length in layout]
     if context.shape[1] != sum(lengths) or mask.shape[-1] != sum(lengths):
-        raise ValueError(
-            f"the LI-DiT conditioning has {context.shape[1]} tokens but its layout describes {sum(lengths)} "
-            f"({'+'.join(map(str, lengths))}): a node between Collaborative Fusion and the sampler changed the "
-            "tensor (e.g. ConditioningConcat), which LI-DiT conditioning does not support")
+        raise ValueError(CHANGED.format(what=f"it has {context.shape[1]} tokens, its layout describes {sum(lengths)}"))
+    if packed is not None and fingerprint(context) != tuple(packed) and context.any():
+        raise ValueError(CHANGED.format(what="its values are not the ones Collaborative Fusion packed"))
     out = []
     for (hidden, _), h, m, p in zip(layout, context.split(lengths, 1), mask.split(lengths, -1), prompt.split(lengths, -1)):
         out.append(TextStates(h[..., :hidden], m.bool(), p.bool()))

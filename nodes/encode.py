@@ -81,7 +81,8 @@ class LIDiTInstructedEncode:
         # whole: transformers modules cannot stream weights per layer as comfy.ops layers do
         mm.load_models_gpu([llm.patcher], force_full_load=True)
         mm.throw_exception_if_processing_interrupted()
-        states = encode(llm.llm, [text], template, max_tokens, hidden_layer).to(mm.intermediate_device())
+        states = encode(llm.llm, [text], template, max_tokens, hidden_layer,
+                        check=mm.throw_exception_if_processing_interrupted).to(mm.intermediate_device())
         if not torch.isfinite(states.hidden).all():
             raise ValueError(f"{llm.name} produced inf/NaN hidden states in {llm.dtype}: its activations exceed that "
                              "precision. Load it with dtype auto, bf16 or fp32 in the LI-DiT LLM Loader.")

@@ -10,9 +10,7 @@ fp8 storage, partial (lowvram) loading and LoRA patches work as for core models.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections import Counter
 
 import torch
 
@@ -25,13 +23,13 @@ import comfy.supported_models_base
 import folder_paths
 from comfy.cli_args import args
 
-from ..lidit.checkpoint import SAFETENSORS_DTYPES, CheckpointError, load_into, read_config, read_header
+from ..lidit.checkpoint import CheckpointError, CheckpointFile, load_into
 from ..lidit.config import LIDiTConfig
 from ..lidit.model import LIDiTModel
 from ..lidit.precision import cpu_has_native_bf16
 from . import conditioning
-from .attention import host_attend
-from .conditioning import LAYOUT, MASK, PROMPT
+from .attention import CHUNK_SCORES, host_attend
+from .conditioning import FINGERPRINT, LAYOUT, MASK, PROMPT
 from .folders import checkpoint_names, resolve_checkpoint
 
 LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.latent_formats.SD3,
@@ -44,6 +42,9 @@ MODEL_TYPES = {"flow": comfy.model_base.ModelType.FLOW, "eps": comfy.model_base.
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 TEXT = "lidit_text"  # the model kwarg that carries the prepared text (conditioning.CONDText)
+#: measured peak of a forward's activations besides attention scores, in values of `hidden` per image token
+#: (CPU, inference: 9 for the demo, 2-10 for LI-DiT-1B at 1k-4k tokens; one block's tensors are alive at a time)
+VALUES_PER_TOKEN = 12
 
 
 class LIDiTNet(LIDiTModel):
@@ -77,11 +78,45 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
         if LAYOUT not in kwargs:
             raise ValueError("LI-DiT needs its conditioning from an LI-DiT Collaborative Fusion node; this one "
                              "came from elsewhere (e.g. CLIPTextEncode)")
-        texts = conditioning.unpack(kwargs["cross_attn"], kwargs[MASK], kwargs[PROMPT], kwargs[LAYOUT])
+        self.check_size(kwargs["noise"].shape, kwargs["device"])
+        texts = conditioning.unpack(kwargs["cross_attn"], kwargs[MASK], kwargs[PROMPT], kwargs[LAYOUT],
+                                    kwargs.get(FINGERPRINT))
         dtype = self.manual_cast_dtype or self.get_dtype()
         with torch.no_grad():
             prepared = self.diffusion_model.text.prepare([t.to(kwargs["device"]) for t in texts], dtype)
         return {TEXT: conditioning.CONDText(tuple(prepared))}
+
+    def memory_required(self, input_shape, cond_shapes={}) -> float:
+        """Bytes one forward on `input_shape` needs, as measured for LI-DiT: the activations, plus
+        one attention call's scores (twice: scores and softmax) unless the host's kernel is
+        memory-efficient. ComfyUI's default, linear in latent pixels with a fixed factor, is far off
+        for a patch-8 pixel model (10 TB for the demo at 4096 px) and for 1/8 latents alike."""
+        dit = self.lidit_config.dit
+        batch, height, width = input_shape[0], input_shape[-2], input_shape[-1]
+        tokens = -(-height // dit.patch) * -(-width // dit.patch)
+        size = mm.dtype_size(self.manual_cast_dtype or self.get_dtype())
+        scores = 0 if mm.xformers_enabled() or mm.pytorch_attention_flash_attention() else \
+            2 * min(batch * dit.heads * tokens * tokens, CHUNK_SCORES) * size
+        return batch * tokens * dit.hidden * size * VALUES_PER_TOKEN + scores
+
+    def check_size(self, shape: tuple[int, ...], device: torch.device) -> None:
+        """Refuse, before sampling, a latent shape whose activations cannot fit the device at all."""
+        have = mm.get_total_memory(device)
+        if self.memory_required(shape) <= have:
+            return
+        factor, patch = DOWNSCALE[self.lidit_config.latent_format], self.lidit_config.dit.patch
+        low, high = 0, 1 << 16  # square sides in patches: `low` fits, `high` does not
+        while high - low > 1:
+            mid = (low + high) // 2
+            if self.memory_required([shape[0], 1, mid * patch, mid * patch]) <= have:
+                low = mid
+            else:
+                high = mid
+        raise ValueError(
+            f"LI-DiT: {shape[-1] * factor}x{shape[-2] * factor} at batch {shape[0]} needs about "
+            f"{self.memory_required(shape) / 2**30:.1f} GiB for one forward, more than the "
+            f"{have / 2**30:.1f} GiB of {device}. The largest square size that fits is about "
+            f"{low * patch * factor}x{low * patch * factor}: sample smaller, then upscale.")
 
     def process_timestep(self, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
         """ComfyUI passes its model_sampling's timestep (possibly patched, e.g. by ModelSamplingSD3);
@@ -145,16 +180,17 @@ def new_lidit(config: LIDiTConfig, dtype: torch.dtype, manual_cast: torch.dtype 
 
 
 def build_lidit(path: str, dtype: torch.dtype, manual_cast: torch.dtype | None, load_device: torch.device,
-                fp8_optimizations: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """The MODEL the checkpoint's own config describes, filled from it. Nothing is unpickled."""
-    name = os.path.basename(path)
-    config = read_config(path)
+                fp8_optimizations: bool = False, file: CheckpointFile | None = None) -> comfy.model_patcher.ModelPatcher:
+    """The MODEL the checkpoint's own config describes, filled from it. Nothing is unpickled, and
+    nothing is allocated before the file is known to fill the model."""
+    file = file or CheckpointFile.open(path)
+    config, name = file.config, os.path.basename(path)
     channels = LATENT_FORMATS[config.latent_format].latent_channels
     if config.dit.in_channels != channels:
         raise CheckpointError(f"{name}: its config says latent_format {config.latent_format!r} ({channels} channels) "
                               f"but dit.in_channels = {config.dit.in_channels}")
     patcher = new_lidit(config, dtype, manual_cast, load_device, fp8_optimizations)
-    load_into(path, patcher.model.diffusion_model, name)
+    load_into(file, patcher.model.diffusion_model)
     logging.info("LI-DiT: loaded %s (%s, %s latents, weights %s, compute %s, %d LLM branches: %s)", name,
                  config.prediction, config.latent_format, dtype, manual_cast or dtype, len(config.text.branches),
                  ", ".join(f"{b.name} ({b.hidden_size})" for b in config.text.branches))
@@ -164,13 +200,10 @@ def build_lidit(path: str, dtype: torch.dtype, manual_cast: torch.dtype | None, 
 def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
     if not path.endswith((".safetensors", ".sft")):
         raise CheckpointError(f"{os.path.basename(path)}: LI-DiT checkpoints are .safetensors files")
-    _, header = read_header(path)
-    sizes = Counter()
-    for info in header.values():
-        sizes[SAFETENSORS_DTYPES[info["dtype"]]] += math.prod(info["shape"])
+    file = CheckpointFile.open(path)
     load_device = mm.get_torch_device()
-    dtype, manual_cast = inference_dtypes(weight_dtype, sizes.most_common(1)[0][0], sum(sizes.values()), load_device)
-    return build_lidit(path, dtype, manual_cast, load_device, fp8_optimizations=weight_dtype.endswith("_fast"))
+    dtype, manual_cast = inference_dtypes(weight_dtype, *file.stored_dtype(), load_device)
+    return build_lidit(path, dtype, manual_cast, load_device, weight_dtype.endswith("_fast"), file)
 
 
 class LIDiTLoader:

@@ -77,7 +77,8 @@ class LIDiTSampler:
         config = lidit_config_of(model)
         w, h = image_size(config, resolution, width, height)
         factor = DOWNSCALE[config.latent_format]
-        latent = torch.zeros(batch_size, config.dit.in_channels, h // factor, w // factor,
-                             device=mm.intermediate_device())
+        shape = (batch_size, config.dit.in_channels, h // factor, w // factor)
+        model.model.check_size(shape, model.load_device)  # before allocating a latent that could never be sampled
+        latent = torch.zeros(shape, device=mm.intermediate_device())
         return common_ksampler(model, seed, steps or config.steps, cfg or config.cfg, sampler_name, scheduler,
                                positive, negative, {"samples": latent})
