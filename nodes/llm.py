@@ -21,6 +21,7 @@ import comfy.model_patcher
 from ..lidit.llm import LLM, layers_needed, load_llm
 from ..lidit.precision import cpu_has_native_bf16
 from .folders import llm_names, resolve_llm
+from .memory import release_free_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -53,6 +54,7 @@ class LoadedLLM:
     @classmethod
     def load(cls, folder: Path, layers: list[int] | None, weight_dtype: torch.dtype, load_device: torch.device,
              offload_device: torch.device) -> "LoadedLLM":
+        release_free_memory()
         llm = load_llm(folder, layer=layers, dtype=weight_dtype, device=offload_device, compute_device=load_device)
         logging.info("LI-DiT: loaded LLM %s from %s (%d of %d layers, hidden %d, %s)", llm.name, folder,
                      len(llm.model.layers), llm.total_layers, llm.hidden_size, next(llm.model.parameters()).dtype)

@@ -31,6 +31,7 @@ from . import conditioning
 from .attention import CHUNK_SCORES, host_attend
 from .conditioning import FINGERPRINT, LAYOUT, MASK, PROMPT
 from .folders import checkpoint_names, resolve_checkpoint
+from .memory import release_free_memory
 
 LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.latent_formats.SD3,
                   "flux": comfy.latent_formats.Flux}
@@ -201,6 +202,7 @@ def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.
     if not path.endswith((".safetensors", ".sft")):
         raise CheckpointError(f"{os.path.basename(path)}: LI-DiT checkpoints are .safetensors files")
     file = CheckpointFile.open(path)
+    release_free_memory()
     load_device = mm.get_torch_device()
     dtype, manual_cast = inference_dtypes(weight_dtype, *file.stored_dtype(), load_device)
     return build_lidit(path, dtype, manual_cast, load_device, weight_dtype.endswith("_fast"), file)

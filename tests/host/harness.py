@@ -226,7 +226,13 @@ class ComfyServer:
             for p in paths:
                 Path(p).mkdir(parents=True, exist_ok=True)
         self.pack_linked = self.link_pack() is not None
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # No HF_HUB_OFFLINE: the pack must stay offline by itself. The network guard refuses, and
+        # logs, every connection that is not to the loopback (tests/host/netguard/sitecustomize.py).
+        guard = str(Path(__file__).with_name("netguard"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (guard, os.environ.get("PYTHONPATH")) if p))
+        for offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            env.pop(offline, None)
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(

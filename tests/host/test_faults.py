@@ -236,3 +236,33 @@ def test_interrupt_stops_a_huge_image_within_seconds(comfy_server, lidit_assets)
     assert "execution_interrupted" in comfy_server.event_types(pid), entry["status"]
     assert time.monotonic() - asked < 30
     assert_still_serving(comfy_server)
+
+
+def test_the_main_workflow_runs_with_the_network_blocked(comfy_server, lidit_assets) -> None:
+    """The whole host ring runs behind the guard; here the main workflow, from loading the LLMs
+    and the checkpoint (fresh: new dtypes) to the image, must not even try a connection."""
+    assert "LIDIT-NETWORK-GUARD active" in comfy_server.log_text()
+    graph = paper(steps=2)
+    for loader in ("1", "2"):
+        graph[loader]["inputs"]["dtype"] = "bf16"
+    graph[DIT]["inputs"]["weight_dtype"] = "bf16"
+    mark = comfy_server.log_size()
+    comfy_server.run(graph, timeout=180)
+    assert "LIDIT-NETWORK-BLOCKED" not in comfy_server.log_text(since=mark)
+
+
+def test_the_network_guard_refuses_and_reports_outside_connections(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket\n"
+            "for where in (('192.0.2.1', 80), ('huggingface.co', 443)):\n"
+            "    try: socket.create_connection(where, timeout=1)\n"
+            "    except OSError as e: print('refused', where[0])\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname()); print('loopback ok')\n")
+    guard = str(inproc.REPO_ROOT / "tests" / "host" / "netguard")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=guard))
+    assert run.stdout.split("\n")[:3] == ["refused 192.0.2.1", "refused huggingface.co", "loopback ok"], run
+    assert run.stderr.count("LIDIT-NETWORK-BLOCKED") == 2

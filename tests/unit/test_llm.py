@@ -50,6 +50,20 @@ def test_a_folder_with_only_pickled_weights_is_refused_without_unpickling(tiny_l
         load_llm(folder)
 
 
+def test_a_folders_tokenizer_is_loaded_once_until_its_files_change(tiny_llm_dirs, tmp_path):
+    import os
+    import shutil
+
+    from lidit.llm import load_tokenizer
+
+    folder = shutil.copytree(tiny_llm_dirs["tiny-llama"], tmp_path / "llm")
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first and load_llm(folder).tokenizer is first
+    stat = (folder / "tokenizer.json").stat()
+    os.utime(folder / "tokenizer.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_tokenizer(folder) is not first
+
+
 def test_fp16_on_cpu_falls_back_with_a_warning(tiny_llm_dirs):
     with pytest.warns(UserWarning, match="float16"):
         llm = load_llm(tiny_llm_dirs["tiny-llama"], dtype=torch.float16)
