@@ -111,8 +111,8 @@ def test_partial_loading_streams_every_weight_and_gives_the_same_output(pack, ti
         assert isinstance(owners[f"diffusion_model.{name.rpartition('.')[0]}"], feature_norm), \
             f"buffer {name} is never moved by the host, and its module does not move it at use"
     cond = inproc.conditioning(full, llms, PROMPT)
-    text = {"cross_attn": cond[0][0], "device": CPU, **cond[0][1]}
     x, sigma = torch.randn(1, 3, 64, 64), torch.tensor([0.7])
+    text = {"cross_attn": cond[0][0], "device": CPU, "noise": x, **cond[0][1]}  # as comfy.samplers passes them
     outs = []
     for patcher in (full, partial):
         conds = patcher.model.extra_conds(**text)

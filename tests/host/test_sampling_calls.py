@@ -96,7 +96,8 @@ def test_conditioning_zero_out_means_no_text(tiny) -> None:
     import nodes
 
     (zeroed,) = nodes.ConditioningZeroOut().zero_out(tiny["neg"])
-    conds = tiny["model"].model.extra_conds(cross_attn=zeroed[0][0], device=torch.device("cpu"), **zeroed[0][1])
+    conds = tiny["model"].model.extra_conds(cross_attn=zeroed[0][0], device=torch.device("cpu"),
+                                            noise=torch.zeros(1, 3, 64, 64), **zeroed[0][1])
     branches = conds["lidit_text"].cond
     assert all(b.real == (0,) and b.prompt_lengths == (0,) for b in branches)
     # the same as no tokens at all
