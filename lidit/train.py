@@ -43,13 +43,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
 from .config import LIDiTConfig, preset
 from .data import BucketStream, FolderData, SceneStream, load_vae
 from .diffusion import FLOW_LOSSES, training_loss
 from .features import FeatureCache, FeatureTable, folder_identity
 from .instruction import PromptTemplate
 from .llm import load_llm
+from .lora import LoRAConfig, add_lora, save_lora
 from .model import LIDiTModel
 from .precision import compute_dtype, native_bf16
 
@@ -94,6 +95,7 @@ class TrainConfig:
     ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
     caption_dropout: float = 0.1
     flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
+    lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
     checkpoint_every: int = 500
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
@@ -134,6 +136,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def lora_config(self) -> LoRAConfig | None:
+        if self.lora is None:
+            return None
+        fields = {**self.lora, "targets": tuple(self.lora.get("targets", LoRAConfig.targets))}
+        return LoRAConfig(**fields)
+
     def validate(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
@@ -146,6 +154,10 @@ class TrainConfig:
         for name in ("feature_dtype", "save_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}")
+        if self.lora is not None:
+            self.lora_config()
+            if self.fsdp:
+                raise ValueError("LoRA trains on one process or under DDP; --fsdp is for full training")
         if not (self.data.source == "scenes" or self.data.source.startswith("folder:")):
             raise ValueError(f"data.source must be 'scenes' or 'folder:<path>', got {self.data.source!r}")
 
@@ -347,6 +359,11 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
     """
     def make() -> LIDiTModel:
         torch.manual_seed(cfg.seed)
+        lora = cfg.lora_config()
+        if lora:  # the base keeps its own feature statistics: its weights were trained on them
+            model = load_checkpoint(lora.base)
+            add_lora(model, lora)
+            return model
         model = LIDiTModel(model_cfg).init_weights()
         model.text.set_feature_stats([table.channel_stats() for table in tables])
         return model
@@ -531,8 +548,14 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def save_model(path: Path, model: LIDiTModel, ema: EMA, cfg: TrainConfig, extra: dict[str, str], d: Dist) -> None:
+    """model.safetensors (EMA weights), or for LoRA training lora.safetensors (EMA adapters, ComfyUI keys)."""
     state = ema.full_state(model)  # every rank takes part in the gathers
     if not d.main:
+        return
+    if cfg.lora is not None:
+        tmp = path.with_name(".lora.safetensors.tmp")
+        save_lora(tmp, model, state, {**extra, "lidit_base": cfg.lora_config().base})
+        os.replace(tmp, path.with_name("lora.safetensors"))
         return
     dtype = DTYPES[cfg.save_dtype]
     with torch.device("meta"):
@@ -685,7 +708,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
-    model_cfg = model_config(cfg.model, cfg.data.resolution)
+    lora = cfg.lora_config()
+    model_cfg = read_config(lora.base) if lora else model_config(cfg.model, cfg.data.resolution)
     resolution = model_cfg.resolution
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -705,7 +729,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
            f"{len(tables[0].entries)} captions per branch)")
 
     model, net = build_model(model_cfg, cfg, d, tables)
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(named)
     seeds = np.random.SeedSequence([cfg.seed, d.rank, 0x7EA1]).generate_state(2)
@@ -807,7 +831,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         hashes = {"weights": weights_hash(named), "ema": weights_hash([(n, p) for n, p in named], ema.shadow)}
         (out / f"rank{d.rank}.json").write_text(json.dumps({"rank": d.rank, "step": step, **hashes}))
     say(d, f"done: step {step}, loss {last_loss:.4f}, {result['train_seconds']:.0f} s training, "
-           f"{time.time() - started:.0f} s in all -> {out / 'model.safetensors'}")
+           f"{time.time() - started:.0f} s in all -> {out / ('lora' if cfg.lora else 'model')}.safetensors")
     if d.on:
         d.barrier()
     return result
