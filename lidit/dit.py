@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import DiTConfig
 from .layers import MLP, Attend, Attention, Ops, TimestepEmbedder, TorchOps, layer_norm, modulate, sdpa
@@ -80,6 +81,7 @@ class LIDiT(nn.Module):
         self.pooled_proj = ops.Linear(context_dim, cfg.hidden, dtype=dtype, device=device)
         self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim, **f) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, **f)
+        self.checkpointing = False  # activation checkpointing per block (training only)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext, attend: Attend = sdpa) -> torch.Tensor:
         """x: (B, C, H, W) with any H, W (sizes that are not multiples of the patch are padded), in the
@@ -93,6 +95,9 @@ class LIDiT(nn.Module):
         tokens = rearrange(self.pos_embed(tokens), "b d h w -> b (h w) d")
         c = self.t_embedder(t, tokens.dtype) + self.pooled_proj(text.pooled)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, c, text, i, attend)
+            if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                tokens = checkpoint(block, tokens, c, text, i, attend, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, text, i, attend)
         out = rearrange(self.final(tokens, c), "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
         return out[..., :height, :width]

@@ -96,6 +96,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
     lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
+    activation_checkpointing: bool = False  # recompute each DiT block in the backward: memory for compute
     checkpoint_every: int = 500
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
@@ -303,6 +304,7 @@ def setup_processes(device: str, fsdp: bool = False) -> Dist:
     if use_cuda:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     else:
         dev = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
@@ -351,8 +353,8 @@ def ema_decay_at(cfg: TrainConfig, step: int) -> float:
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
-def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
-                tables: list[FeatureTable]) -> tuple[LIDiTModel, torch.nn.Module]:
+def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, tables: list[FeatureTable],
+                bf16: bool) -> tuple[LIDiTModel, torch.nn.Module]:
     """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself).
 
     Every rank measures the same feature statistics from the same caption pool.
@@ -363,15 +365,16 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
         if lora:  # the base keeps its own feature statistics: its weights were trained on them
             model = load_checkpoint(lora.base)
             add_lora(model, lora)
-            return model
-        model = LIDiTModel(model_cfg).init_weights()
-        model.text.set_feature_stats([table.channel_stats() for table in tables])
+        else:
+            model = LIDiTModel(model_cfg).init_weights()
+            model.text.set_feature_stats([table.channel_stats() for table in tables])
+        model.dit.checkpointing = cfg.activation_checkpointing
         return model
 
     single_branch = len(model_cfg.text.branches) == 1  # its collaborative block has nothing to attend to
     if cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(d.device.type, (d.world,))
         model = None
@@ -383,9 +386,12 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist,
                 # refiner blocks, not whole refiners: their input projections run in `prepare`,
                 # inside the root's forward, so they belong to the root unit
                 units = [*(b for r in model.text.refiners for b in r.blocks), *model.text.collab, *model.dit.blocks]
+                # bf16: parameters gathered and computed in bf16, gradients reduced in fp32
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+                    else MixedPrecisionPolicy()
                 for unit in units:
-                    fully_shard(unit, mesh=mesh)
-                fully_shard(model, mesh=mesh)
+                    fully_shard(unit, mesh=mesh, mp_policy=policy)
+                fully_shard(model, mesh=mesh, mp_policy=policy)
             d.barrier()
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         return model, model
@@ -499,6 +505,20 @@ def _quiet_load(folder: Path, layer: int, dtype: torch.dtype, device: torch.devi
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Weight decay for matrices only: never for biases and norm scales (1-D), the zero-initialised
+    gates and AdaLN modulations, or the embeddings (patch, position, timestep)."""
+    return p.dim() >= 2 and not any(part in name for part in (".gates.", ".adaln.", "embed"))
+
+
+def make_optimizer(cfg: TrainConfig, named: list[tuple[str, torch.nn.Parameter]], device: torch.device):
+    """AdamW with two groups (see `decays`); fused kernels on CUDA."""
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                             fused=device.type == "cuda" or None)
 
 
 class EMA:
@@ -728,9 +748,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     say(d, f"features ready in {t_features:.1f} s ({sum(s['encoded'] for s in feature_stats)} encoded, "
            f"{len(tables[0].entries)} captions per branch)")
 
-    model, net = build_model(model_cfg, cfg, d, tables)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(d.device))
+    model, net = build_model(model_cfg, cfg, d, tables, bf16)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
-    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, named, d.device)
     ema = EMA(named)
     seeds = np.random.SeedSequence([cfg.seed, d.rank, 0x7EA1]).generate_state(2)
     dropout_rng = np.random.default_rng(int(seeds[0]))
@@ -744,7 +765,6 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         window = list(meta.get("loss_window", []))
         say(d, f"resumed from {resume} at step {step}")
 
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(d.device))
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     log_path = out / "log.jsonl"
     if d.main:  # a fresh run starts a fresh log; a resumed one drops what came after its state
@@ -756,6 +776,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     last_loss = float("nan")
     grad_norm = torch.zeros(())
     step_times: list[float] = []
+    skipped = 0
 
     def info() -> dict:
         seconds = prior_seconds + time.perf_counter() - t_loop
@@ -798,15 +819,25 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
             total += loss.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
-        opt.step()
+        # one read per step, agreed by all ranks: a NaN/inf loss or gradient never reaches the weights
+        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))
+        if d.mean([float(not finite)])[0] > 0:
+            skipped += 1
+            say(d, f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+            if d.main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient",
+                                        "skipped_total": skipped}) + "\n")
+        else:
+            opt.step()
+            ema.update(ema_decay_at(cfg, step))
+            window.append(total)
         opt.zero_grad(set_to_none=True)
-        ema.update(ema_decay_at(cfg, step))
         step += 1
         images_seen += cfg.batch_size
-        window.append(total)
         step_times.append(time.perf_counter() - t0)
         logged = None
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if window and (step % cfg.log_every == 0 or step == cfg.steps):
             gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             window = [float(x) for x in window]
             mean_loss, gn = d.mean([sum(window) / len(window), gn])

@@ -1,7 +1,7 @@
 """Two real processes under torchrun on CPU (gloo): DDP and FSDP2 end with identical weights on every rank.
 
-One torchrun launch runs the `python -m lidit.train` entry point three times in the same two processes
-(DDP; FSDP for 2 steps; FSDP resumed for 2 more): starting Python, torch and the process group once
+One torchrun launch runs the `python -m lidit.train` entry point four times in the same two processes
+(DDP; FSDP for 2 steps; FSDP resumed for 2 more; FSDP with the bf16 mixed-precision policy): starting Python, torch and the process group once
 keeps this file well under a minute on a busy 2-core machine.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ config, out = sys.argv[1], sys.argv[2]
 main(["--config", config, f"output_dir={out}/ddp"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--stop-after", "2"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--resume"])
+main(["--config", config, f"output_dir={out}/fsdp-bf16", "--fsdp", "mixed_precision=bf16", "--stop-after", "2"])
 dist.destroy_process_group()
 """
 
@@ -35,7 +36,8 @@ def runs(tiny_llm_dirs, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("dist")
     cfg = {"model": "tiny", "llms": tiny_llm_dirs, "data": {"source": "scenes", "pool_size": 8}, "steps": 4,
            "batch_size": 4, "log_every": 1, "checkpoint_every": 100, "device": "cpu", "progress": "none",
-           "cache_dir": str(tmp / "cache"), "rank_hashes": True, "threads": 1}
+           "cache_dir": str(tmp / "cache"), "rank_hashes": True, "threads": 1,
+           "mixed_precision": "no"}  # DDP and FSDP must agree to fp32 rounding; the bf16 run is separate
     (tmp / "config.json").write_text(json.dumps(cfg))
     (tmp / "driver.py").write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -75,3 +77,12 @@ def test_fsdp_shards_trains_and_resumes(runs):
     fsdp, ddp = load_file(runs / "fsdp/model.safetensors"), load_file(runs / "ddp/model.safetensors")
     for name in ddp:  # same data, same seeds: the same training as DDP, up to reduction order
         torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_with_the_bf16_policy_trains(runs):
+    """Parameters gathered and computed in bf16, gradients reduced in fp32: finite, learning weights."""
+    lines = [json.loads(line) for line in (runs / "fsdp-bf16/log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and all(0 < line["loss"] < 10 for line in lines)
+    weights = load_file(runs / "fsdp-bf16/model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert weights["dit.final.linear.weight"].abs().max() > 0  # zero-initialised, moved by training
