@@ -12,6 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lidit.train as train_mod
+import lidit.train.inputs as inputs
+import lidit.train.loop as loop
 from lidit.checkpoint import load_checkpoint, read_metadata
 from lidit.data import BucketStream, FolderData, SceneStream, load_vae, make_buckets, nearest_bucket
 from lidit.features import FeatureCache, PrefixEncoder
@@ -102,7 +104,7 @@ def test_second_epoch_and_second_run_never_call_the_llms(tiny_llm_dirs, tmp_path
         llm.model.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
         return llm
 
-    monkeypatch.setattr(train_mod, "load_llm", counting_load)
+    monkeypatch.setattr(inputs, "load_llm", counting_load)
     # 6 steps x 4 images = 3 epochs of the 8-caption pool
     result = quiet_train(config(tiny_llm_dirs, tmp_path, steps=6, llm_batch_size=64))
     unique = len(set(SceneStream.from_config(8, 16, 0).captions) | {""})
@@ -120,8 +122,8 @@ def test_caption_dropout_feeds_the_template_wrapped_empty_prompt(tiny_llm_dirs, 
         seen.append(texts)
         return real(model, cfg, x0, texts, generator, **kwargs)
 
-    real = train_mod.training_loss
-    monkeypatch.setattr(train_mod, "training_loss", spy)
+    real = loop.training_loss
+    monkeypatch.setattr(loop, "training_loss", spy)
     quiet_train(config(tiny_llm_dirs, tmp_path, steps=1, caption_dropout=1.0))
     template = PromptTemplate.of(model_config("tiny").text)
     for states, llm in zip(seen[0], tiny_llms):

@@ -6,6 +6,7 @@ import json
 import torch
 
 import lidit.train as train_mod
+import lidit.train.loop as loop
 from lidit.config import preset
 from lidit.model import LIDiTModel
 from lidit.text import TextStates
@@ -52,13 +53,13 @@ def test_weight_decay_spares_biases_norms_gates_and_embeddings():
 
 
 def test_a_non_finite_loss_skips_the_step_and_is_logged(tiny_llm_dirs, tmp_path, monkeypatch):
-    real, calls = train_mod.training_loss, []
+    real, calls = loop.training_loss, []
 
     def sometimes_nan(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
-    monkeypatch.setattr(train_mod, "training_loss", sometimes_nan)
+    monkeypatch.setattr(loop, "training_loss", sometimes_nan)
     quiet_train(config(tiny_llm_dirs, tmp_path, steps=4, activation_checkpointing=True))
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     skipped = [line for line in lines if "skipped" in line]

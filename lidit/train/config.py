@@ -1,0 +1,212 @@
+"""The training config: JSON file + dotted overrides -> TrainConfig, and the model config it names."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import LIDiTConfig, preset
+from ..diffusion import FLOW_LOSSES
+from ..lora import LoRAConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DataConfig:
+    source: str = "scenes"              # "scenes" or "folder:<path>"
+    pool_size: int = 2000               # scenes: distinct training captions (each is encoded once)
+    pool_seed: int | None = None        # scenes: default = the run's seed
+    n_objects: Any = None               # scenes: None (1..4), an int, or a list of counts
+    resolution: int | None = None       # pixels; default = the model config's resolution
+    buckets: Any = "auto"               # folder: "auto", "none" (one square bucket), or [[w, h], ...]
+    vae: str | None = None              # folder + latent model: a local diffusers AutoencoderKL folder
+
+
+@dataclass
+class TrainConfig:
+    model: Any = "demo"                 # preset name | {"preset": name, "overrides": {...}} | LIDiTConfig dict
+    llms: Any = field(default_factory=dict)  # {branch name: HF folder} or [folder per branch]
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "out/run"
+    cache_dir: str = ".cache/lidit"     # feature (and latent) cache, shared by runs
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32                # images per optimiser step, over all processes and accumulation
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = "constant"       # constant | cosine | linear (after warmup)
+    lr_final: float = 0.1               # cosine/linear: final lr as a fraction of lr
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0              # 0 = off
+    ema_decay: float = 0.999
+    ema_warmup: bool = True             # decay min(ema_decay, (1 + step) / (10 + step))
+    caption_dropout: float = 0.1
+    flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
+    lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
+    activation_checkpointing: bool = False  # recompute each DiT block in the backward: memory for compute
+    checkpoint_every: int = 500
+    log_every: int = 10
+    max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
+    device: str = "auto"                # auto | cpu | cuda
+    mixed_precision: str = "auto"       # auto (bf16 autocast where the device has native bf16: GPUs, AVX512-BF16/AMX CPUs) | bf16 | no
+    threads: int | None = None          # torch.set_num_threads
+    llm_threads: int | None = None      # threads while encoding features (default: threads)
+    llm_batch_size: int = 64
+    llm_dtype: str = "auto"             # auto (bf16 where the device has native bf16, else float32) | float32 | bfloat16
+    feature_dtype: str = "float16"
+    save_dtype: str = "float32"         # dtype of model.safetensors
+    fsdp: bool = False
+    progress: str = "auto"              # auto (tqdm on a terminal) | tqdm | plain | none
+    rank_hashes: bool = False           # debug: every rank writes rank<N>.json with a hash of its weights
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"_comment"})
+        if unknown:
+            raise ValueError(f"unknown training config field(s) {unknown}; known: {sorted(names)}")
+        d.pop("_comment", None)
+        data = d.get("data", {})
+        if isinstance(data, str):
+            data = {"source": data}
+        dnames = {f.name for f in dataclasses.fields(DataConfig)}
+        unknown = sorted(set(data) - dnames)
+        if unknown:
+            raise ValueError(f"unknown data config field(s) {unknown}; known: {sorted(dnames)}")
+        d["data"] = DataConfig(**data)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def lora_config(self) -> LoRAConfig | None:
+        if self.lora is None:
+            return None
+        fields = {**self.lora, "targets": tuple(self.lora.get("targets", LoRAConfig.targets))}
+        return LoRAConfig(**fields)
+
+    def validate(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
+        if self.flow_loss not in FLOW_LOSSES:
+            raise ValueError(f"flow_loss must be one of {FLOW_LOSSES}, got {self.flow_loss!r}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError("caption_dropout must be in [0, 1]")
+        if self.grad_accum < 1 or self.batch_size < 1 or self.steps < 0:
+            raise ValueError("batch_size and grad_accum must be >= 1 and steps >= 0")
+        for name in ("feature_dtype", "save_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}")
+        if self.lora is not None:
+            self.lora_config()
+            if self.fsdp:
+                raise ValueError("LoRA trains on one process or under DDP; --fsdp is for full training")
+        if not (self.data.source == "scenes" or self.data.source.startswith("folder:")):
+            raise ValueError(f"data.source must be 'scenes' or 'folder:<path>', got {self.data.source!r}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """d['a']['b'] = value for key 'a.b', creating dicts on the way (a string leaf becomes a dict
+    only where the schema allows it: `model: "demo"` becomes {"preset": "demo"})."""
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = d.get(part)
+        if isinstance(nxt, str) and part == "model":
+            nxt = {"preset": nxt}
+        elif isinstance(nxt, str) and part == "data":
+            nxt = {"source": nxt}
+        elif not isinstance(nxt, dict):
+            nxt = {}
+        d[part] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_config(spec: Any, resolution: int | None = None) -> LIDiTConfig:
+    """A preset name, {"preset": name, "overrides": {dotted or nested}}, or a full LIDiTConfig dict."""
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if "text" in spec and "dit" in spec:
+        base = dict(spec)
+    else:
+        base = preset(spec.get("preset", "demo")).to_dict()
+        unknown = set(spec) - {"preset", "overrides"}
+        if unknown:
+            raise ValueError(f"model: unknown key(s) {sorted(unknown)} (use 'preset' and 'overrides')")
+        for key, value in _flatten(spec.get("overrides", {})).items():
+            node = base
+            *path, last = key.split(".")
+            for p in path:
+                if not isinstance(node.get(p), dict):
+                    raise ValueError(f"model override {key!r}: {p!r} is not a config section")
+                node = node[p]
+            if last not in node:
+                raise ValueError(f"model override {key!r}: no field {last!r} (has {sorted(node)})")
+            node[last] = value
+    if resolution:
+        base["resolution"] = resolution
+    return LIDiTConfig.from_dict(base)
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict:
+    d: dict = {}
+    if path:
+        d = json.loads(Path(path).read_text())
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        set_dotted(d, key.strip(), _parse_value(value))
+    return d
+
+
+def llm_folders(cfg: TrainConfig, model_cfg: LIDiTConfig) -> list[Path]:
+    branches = model_cfg.text.branches
+    if isinstance(cfg.llms, dict):
+        missing = [b.name for b in branches if b.name not in cfg.llms]
+        if missing:
+            raise ValueError(f"llms has no folder for branch(es) {missing}; it names {sorted(cfg.llms)}")
+        folders = [Path(cfg.llms[b.name]) for b in branches]
+    else:
+        if len(cfg.llms) != len(branches):
+            raise ValueError(f"llms lists {len(cfg.llms)} folders for {len(branches)} branches")
+        folders = [Path(p) for p in cfg.llms]
+    from transformers import AutoConfig
+
+    for folder, branch in zip(folders, branches):
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"LLM folder for branch {branch.name} not found: {folder} (no config.json)")
+        hidden = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().hidden_size
+        if hidden != branch.hidden_size:
+            raise ValueError(f"{folder}: hidden size {hidden}, but branch {branch.name} expects {branch.hidden_size} "
+                             f"(override model.overrides.text.branches)")
+    return folders

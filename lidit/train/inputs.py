@@ -1,0 +1,120 @@
+"""What the loop consumes: the image/latent stream and the frozen-LLM feature tables."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import LIDiTConfig
+from ..data import BucketStream, FolderData, SceneStream, load_vae
+from ..features import FeatureCache, FeatureTable, folder_identity
+from ..instruction import PromptTemplate
+from ..llm import load_llm
+from ..precision import compute_dtype
+from .config import DTYPES, TrainConfig
+from .dist import Dist, say
+
+
+def make_stream(cfg: TrainConfig, model_cfg: LIDiTConfig, d: Dist, micro: int, resolution: int):
+    src = cfg.data.source
+    latent = model_cfg.latent_format != "pixel"
+    if src == "scenes":
+        if latent or model_cfg.dit.in_channels != 3:
+            raise ValueError("the synthetic scenes are RGB pixels: they need a pixel model (latent_format 'pixel', "
+                             "in_channels 3)")
+        return SceneStream.from_config(cfg.data.pool_size, resolution, cfg.seed, d.rank, cfg.data.pool_seed,
+                                       cfg.data.n_objects)
+    root = src.split(":", 1)[1]
+    factor = 8 if latent else 1
+    step = model_cfg.dit.patch * factor
+    buckets = None
+    if isinstance(cfg.data.buckets, list):
+        buckets = cfg.data.buckets
+    elif cfg.data.buckets == "none":
+        buckets = [(resolution, resolution)]
+    data = FolderData(root, resolution, step, buckets=buckets)
+    say(d, "buckets (w x h: images): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in data.bucket_sizes().items() if n))
+    if latent:
+        if not cfg.data.vae:
+            raise ValueError(f"this model works in {model_cfg.latent_format} latents (in_channels "
+                             f"{model_cfg.dit.in_channels}): set data.vae to a local diffusers AutoencoderKL folder")
+        vae_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+        vae = load_vae(cfg.data.vae, d.device, vae_dtype)
+        attach_vae(data, vae, cfg, model_cfg, d, folder_identity(cfg.data.vae), vae_dtype)
+        del vae
+    elif model_cfg.dit.in_channels != 3:
+        raise ValueError(f"a pixel model needs in_channels 3, got {model_cfg.dit.in_channels}")
+    return BucketStream(data, micro, cfg.seed, d.rank, d.world)
+
+
+# ComfyUI's latent formats; the VAE's own constants must agree, or the host decodes wrongly.
+LATENT_CONSTANTS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+
+
+def attach_vae(data: FolderData, vae, cfg: TrainConfig, model_cfg: LIDiTConfig, d: Dist, vae_id: str,
+               dtype: torch.dtype = torch.float32) -> None:
+    channels = getattr(getattr(vae, "config", None), "latent_channels", model_cfg.dit.in_channels)
+    if channels != model_cfg.dit.in_channels:
+        raise ValueError(f"the VAE makes {channels}-channel latents, the model takes {model_cfg.dit.in_channels}")
+    t0 = time.perf_counter()
+    data.cache_latents(vae, Path(cfg.cache_dir) / "latents", vae_id, d.device, dtype, d.rank, d.world, d.barrier)
+    scale, shift = data.latent_scale
+    want = LATENT_CONSTANTS.get(model_cfg.latent_format)
+    if want and (abs(scale - want[0]) > 1e-3 or abs(shift - want[1]) > 1e-3):
+        warnings.warn(f"the VAE scales latents by {scale} and shifts by {shift}, but latent_format "
+                      f"{model_cfg.latent_format!r} decodes with {want}: the checkpoint will decode wrongly in ComfyUI")
+    say(d, f"latents: {len(data.items)} images cached in {time.perf_counter() - t0:.1f} s")
+
+
+def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], captions: list[str],
+                   d: Dist) -> tuple[list[FeatureTable], list[dict]]:
+    """Encode what is missing (ranks split the work), then load every caption's features."""
+    template = PromptTemplate.of(model_cfg.text)
+    llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
+    tables, stats = [], []
+    threads = torch.get_num_threads()
+    if cfg.llm_threads:
+        torch.set_num_threads(cfg.llm_threads)
+    wanted = list(dict.fromkeys([""] + captions))  # "" = the dropped caption and the unconditional input
+    for folder, branch in zip(folders, model_cfg.text.branches):
+        cache = FeatureCache(Path(cfg.cache_dir) / "features", folder, branch.layer, template,
+                             model_cfg.text.max_tokens, cfg.feature_dtype)
+        todo = cache.missing(wanted)
+        d.barrier()  # everyone has scanned before anyone writes, so the split below is the same everywhere
+        if todo:
+            say(d, f"features: {branch.name}: {len(todo)} of {len(wanted)} captions to encode")
+        started, last = time.perf_counter(), [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if d.main and (now - last[0] > 5 or done == total):
+                last[0] = now
+                rate = done / max(now - started, 1e-9)
+                say(d, f"features: {branch.name}: {done}/{total} on rank 0 ({rate:.1f} captions/s)")
+
+        cache.build(todo[d.rank::d.world],
+                    lambda folder=folder, branch=branch: _quiet_load(folder, branch.layer, llm_dtype, d.device),
+                    batch_size=cfg.llm_batch_size, write_prefix=d.main, progress=progress)
+        d.barrier()
+        tables.append(cache.load(wanted))
+        stats.append({"branch": branch.name, "folder": str(folder), "identity": cache.identity, "dir": str(cache.dir),
+                      **cache.stats})
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+    torch.set_num_threads(threads)
+    return tables, stats
+
+
+def _quiet_load(folder: Path, layer: int, dtype: torch.dtype, device: torch.device):
+    """load_llm without transformers' per-load progress bars in the training log."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_llm(folder, layer=layer, dtype=dtype, device=device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
