@@ -31,6 +31,9 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, tables: list[
             model = LIDiTModel(model_cfg).init_weights()
             model.text.set_feature_stats([table.channel_stats() for table in tables])
         model.dit.checkpointing = cfg.activation_checkpointing
+        if cfg.compile:
+            for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's
+                block.compile(backend=cfg.compile)
         return model
 
     single_branch = len(model_cfg.text.branches) == 1  # its collaborative block has nothing to attend to

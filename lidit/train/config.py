@@ -51,6 +51,7 @@ class TrainConfig:
     flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
     lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
     activation_checkpointing: bool = False  # recompute each DiT block in the backward: memory for compute
+    compile: str | None = None          # torch.compile each DiT block with this backend ("inductor"; "eager" traces only)
     checkpoint_every: int = 500
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops

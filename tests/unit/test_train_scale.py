@@ -68,3 +68,17 @@ def test_a_non_finite_loss_skips_the_step_and_is_logged(tiny_llm_dirs, tmp_path,
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "model.safetensors").values())
+
+
+def test_compiled_blocks_train_under_dynamo(tiny_llm_dirs, tmp_path):
+    """compile="eager": dynamo traces every DiT block (inductor would also generate kernels)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    quiet_train(config(tiny_llm_dirs, tmp_path, steps=2, compile="eager"))
+    assert counts["stats"]["unique_graphs"] >= 1
+    from safetensors.torch import load_file
+
+    assert all(not k.startswith("_orig_mod") and "._orig_mod" not in k for k in load_file(tmp_path / "run" / "model.safetensors"))
