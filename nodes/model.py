@@ -20,7 +20,6 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.supported_models_base
-import folder_paths
 from comfy.cli_args import args
 
 from ..lidit.checkpoint import CheckpointError, CheckpointFile, load_into

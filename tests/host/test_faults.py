@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import graphs
 import inproc
 import lidit_assets as assets
 from test_nodes import DIT, FUSE_NEG, FUSE_POS, SAMPLER, SMOL_LOADER, assert_still_serving, failure, paper

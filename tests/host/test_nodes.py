@@ -186,8 +186,8 @@ def test_llm_is_cut_after_the_deepest_layer_the_graph_asks_and_reloaded_deeper_o
     [(kept, total)] = loaded_layers(mark)
     assert kept == total - 2  # hidden_states[-3]: the last two layers are never loaded
     deeper = graphs.fresh(graph)
-    for encode in ("3", "5"):  # the SmolLM2 encodes (prompt, negative) now ask for the last layer
-        deeper[encode]["inputs"]["hidden_layer"] = -1
+    for nid in ("3", "5"):  # the SmolLM2 encodes (prompt, negative) now ask for the last layer
+        deeper[nid]["inputs"]["hidden_layer"] = -1
     mark = comfy_server.log_size()
     comfy_server.run(deeper, timeout=120)  # the loader comes from the cache, cut too short
     assert loaded_layers(mark) == [(total, total)]
