@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import sys
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig), or None elsewhere."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
 def release_free_memory() -> None:
     """Collect garbage, then return the heap's free pages to the OS (glibc only; elsewhere a no-op)."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.util.find_library("c")
-        if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-            ctypes.CDLL(libc).malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
