@@ -1,4 +1,5 @@
 """The pack's nodes: thin adapters that parse inputs, call `lidit`, and wrap the outputs."""
+from .clip_text import LIDiTInstructedEncodeCLIP
 from .encode import LIDiTInstructedEncode
 from .llm import LIDiTLLMLoader
 from .model import LIDiTLoader
@@ -8,6 +9,7 @@ from .text import LIDiTCollaborativeFusion, LIDiTTokenRefiner
 NODE_CLASS_MAPPINGS = {
     "LIDiTLLMLoader": LIDiTLLMLoader,
     "LIDiTInstructedEncode": LIDiTInstructedEncode,
+    "LIDiTInstructedEncodeCLIP": LIDiTInstructedEncodeCLIP,
     "LIDiTTokenRefiner": LIDiTTokenRefiner,
     "LIDiTCollaborativeFusion": LIDiTCollaborativeFusion,
     "LIDiTLoader": LIDiTLoader,
@@ -17,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LIDiTLLMLoader": "LI-DiT LLM Loader",
     "LIDiTInstructedEncode": "LI-DiT Instructed Encode",
+    "LIDiTInstructedEncodeCLIP": "LI-DiT Instructed Encode (CLIP)",
     "LIDiTTokenRefiner": "LI-DiT Linguistic Token Refiner",
     "LIDiTCollaborativeFusion": "LI-DiT Collaborative Fusion",
     "LIDiTLoader": "LI-DiT Loader",
