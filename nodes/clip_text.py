@@ -35,6 +35,12 @@ SUPPORTED = ("Gemma-2-2B (Lumina 2, gemma2_2b), Gemma-3-4B (gemma3_4b), Llama-3.
              "Mistral-3-24B (Flux 2, mistral3_24b)")
 
 
+#: chat templates that ComfyUI's bundled tokenizer lacks: it loads Qwen3-4B with Qwen2.5's tokenizer files,
+#: whose template adds a default system turn that Qwen3's own does not (Z-Image's template is this one)
+CHAT_TEMPLATES = {"qwen3_4b": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}
+
+
 class _Stop(Exception):
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
@@ -79,6 +85,22 @@ class GemmaSentencePiece:
         return "<bos>" + turns + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
 
+class WithChatTemplate:
+    """An HF tokenizer with the model's own chat template, leaving the CLIP's tokenizer untouched."""
+
+    def __init__(self, tokenizer, chat_template: str) -> None:
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
 @dataclass(eq=False)
 class ClipLLM:
     """A decoder LLM inside a CLIP: its name there (e.g. qwen3_4b, or llama in HiDream's quadruple),
@@ -117,6 +139,8 @@ def decoder_llms(clip) -> list[ClipLLM]:
                              f"its tokenizer is a {type(clip.tokenizer).__name__}")
         if isinstance(tokenizer, SPieceTokenizer):
             tokenizer = GemmaSentencePiece(tokenizer)
+        elif name in CHAT_TEMPLATES:
+            tokenizer = WithChatTemplate(tokenizer, CHAT_TEMPLATES[name])
         found.append(ClipLLM(name, module.transformer, tokenizer, module.special_tokens.get("pad", 0)))
     return found
 

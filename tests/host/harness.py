@@ -43,6 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-LI-DiT"
 #: Model folder keys the session server registers under its own tmp models dir.
 MODEL_FOLDER_KEYS = ("diffusion_models", "LLM", "text_encoders", "vae", "checkpoints", "loras")
+#: test-only custom-node modules the session server loads (a tiny text encoder for CLIPLoader)
+SERVER_NODES = Path(__file__).with_name("server_nodes")
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -510,7 +512,7 @@ def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServe
     extra = [Path(p) for p in os.environ.get("LIDIT_EXTRA_MODEL_PATHS", "").split(os.pathsep) if p]
     server = ComfyServer(
         Path(workdir) / "server",
-        model_folders={k: [models / k] for k in MODEL_FOLDER_KEYS},
+        model_folders={**{k: [models / k] for k in MODEL_FOLDER_KEYS}, "custom_nodes": [SERVER_NODES]},
         extra_model_paths_configs=extra,
     )
     server.models_dir = models
