@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -177,11 +177,63 @@ class PrefixEncoder:
 # ------------------------------------------------------------------------------------------------
 # the on-disk cache of one branch
 # ------------------------------------------------------------------------------------------------
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary name, then rename: readers only ever see whole files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file(tensors, os.fspath(tmp), metadata={"format": FORMAT, **metadata})
+    os.replace(tmp, path)
+
+
 def _store(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = x.to(dtype)
     if dtype == torch.float16 and not torch.isfinite(y).all():
         y = x.to(torch.bfloat16)  # beyond float16's range (some LLMs have huge activations)
     return y.contiguous()
+
+
+Entry = tuple[torch.Tensor, int]  # one caption's states after the template prefix, and its prompt-token count
+
+
+def assemble(prefix: torch.Tensor, items: Sequence[Entry], device: torch.device | str = "cpu") -> TextStates:
+    """Prefix + each caption's suffix, right-padded: what `lidit.llm.encode` gives for the captions."""
+    lp, d = prefix.shape
+    n = max(1, lp + max([s.shape[0] for s, _ in items] + [0]))
+    hidden = torch.zeros(len(items), n, d)
+    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    prompt = torch.zeros_like(mask)
+    hidden[:, :lp] = prefix.float()
+    for i, (suffix, n_prompt) in enumerate(items):
+        hidden[i, lp:lp + suffix.shape[0]] = suffix.float()
+        mask[i, :lp + suffix.shape[0]] = True
+        prompt[i, lp:lp + n_prompt] = True
+    return TextStates(hidden, mask, prompt).to(device)
+
+
+def channel_stats(suffixes: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of every channel over the captions' own tokens, for `FeatureNorm`.
+
+    The shared template prefix is left out: it is the same for every caption, and its BOS
+    token alone would inflate the std of the massive channels. Float64 sums, because raw
+    values near 1e5 squared lose float32 precision.
+    """
+    total, sq, n = 0.0, 0.0, 0
+    for suffix in suffixes:
+        x = suffix.double()
+        total = total + x.sum(0)
+        sq = sq + (x * x).sum(0)
+        n += x.shape[0]
+    if n < 2:
+        raise ValueError("channel statistics need at least two caption tokens")
+    mean = total / n
+    std = (sq / n - mean * mean).clamp(min=0).sqrt()
+    return mean.float(), std.clamp(min=1e-3 * float(std.mean())).float()
+
+
+def feature_group(identity: str, layer: int, template: PromptTemplate, max_tokens: int, dtype: str) -> str:
+    """The hash that names one branch's features: LLM, layer, template, token limit, storage dtype."""
+    return _sha(FORMAT, identity, str(layer), template.instruction, template.system_prompt,
+                str(template.chat_template), str(max_tokens), dtype)
 
 
 @dataclass
@@ -196,40 +248,13 @@ class FeatureTable:
         return self.prefix.shape[-1]
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of every channel over the captions' own tokens, for `FeatureNorm`.
+        return channel_stats(suffix for suffix, _ in self.entries.values())
 
-        The shared template prefix is left out: it is the same for every caption, and its BOS
-        token alone would inflate the std of the massive channels. Float64 sums, because raw
-        values near 1e5 squared lose float32 precision.
-        """
-        d = self.hidden_size
-        total, sq, n = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
-        for suffix, _ in self.entries.values():
-            x = suffix.double()
-            total += x.sum(0)
-            sq += (x * x).sum(0)
-            n += x.shape[0]
-        if n < 2:
-            raise ValueError("channel statistics need at least two caption tokens")
-        mean = total / n
-        std = (sq / n - mean * mean).clamp(min=0).sqrt()
-        return mean.float(), std.clamp(min=1e-3 * float(std.mean())).float()
-
-    def states(self, captions: Sequence[str], device: torch.device | str = "cpu") -> TextStates:
-        """The TextStates that `lidit.llm.encode` gives for these captions (float32)."""
-        lp, d = self.prefix.shape
-        items = [self.entries[c] for c in captions]
-        n = lp + max([s.shape[0] for s, _ in items] + [0])
-        b = len(captions)
-        hidden = torch.zeros(b, max(n, 1), d)
-        mask = torch.zeros(b, max(n, 1), dtype=torch.bool)
-        prompt = torch.zeros_like(mask)
-        hidden[:, :lp] = self.prefix.float()
-        for i, (suffix, n_prompt) in enumerate(items):
-            hidden[i, lp:lp + suffix.shape[0]] = suffix.float()
-            mask[i, :lp + suffix.shape[0]] = True
-            prompt[i, lp:lp + n_prompt] = True
-        return TextStates(hidden, mask, prompt).to(device)
+    def states(self, captions: Sequence[str], device: torch.device | str = "cpu",
+               entries: Sequence[Entry] | None = None) -> TextStates:
+        """The TextStates that `lidit.llm.encode` gives for these captions (float32). `entries` is the
+        per-batch input of the memory-mapped source; the table holds every caption itself."""
+        return assemble(self.prefix, [self.entries[c] for c in captions], device)
 
 
 class FeatureCache:
@@ -242,8 +267,7 @@ class FeatureCache:
         self.llm_path, self.layer, self.template, self.max_tokens = Path(llm_path), layer, template, max_tokens
         self.dtype = _DTYPES[dtype]
         self.identity = folder_identity(llm_path)
-        self.group = _sha(FORMAT, self.identity, str(layer), template.instruction, template.system_prompt,
-                          str(template.chat_template), str(max_tokens), dtype)
+        self.group = feature_group(self.identity, layer, template, max_tokens, dtype)
         self.dir = Path(root) / f"{self.llm_path.name}-{self.group[:16]}"
         self.stats = {"encoded": 0, "cached": 0, "llm_calls": 0, "seconds": 0.0}
         self._index: dict[str, Path] = {}
@@ -274,12 +298,6 @@ class FeatureCache:
     def has_prefix(self) -> bool:
         return (self.dir / "prefix.safetensors").is_file()
 
-    def _atomic_save(self, tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        save_file(tensors, os.fspath(tmp), metadata={"format": FORMAT, **metadata})
-        os.replace(tmp, path)
-
     def build(self, captions: Sequence[str], load: Callable[[], LLM], batch_size: int = 64,
               write_prefix: bool = True, shard_size: int = 2048, reuse_prefix: bool = True,
               progress: Callable[[int, int], None] | None = None) -> None:
@@ -298,7 +316,7 @@ class FeatureCache:
         encoder = PrefixEncoder(llm, self.template, self.max_tokens, self.layer, reuse_prefix)
         if need_prefix:
             # float32: stored once, and the first token of some LLMs exceeds float16's range (Gemma 3: ~1e5)
-            self._atomic_save({"prefix": encoder.prefix.float().contiguous()}, self.dir / "prefix.safetensors",
+            _atomic_save({"prefix": encoder.prefix.float().contiguous()}, self.dir / "prefix.safetensors",
                               {"tokens": json.dumps(encoder.before), "llm": self.llm_path.name})
         # Similar lengths together: less padding per batch.
         todo = sorted(todo, key=len)
@@ -308,7 +326,7 @@ class FeatureCache:
         def flush() -> None:
             if pending:
                 name = f"shard-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
-                self._atomic_save(dict(pending), self.dir / name, {"entries": json.dumps(entries)})
+                _atomic_save(dict(pending), self.dir / name, {"entries": json.dumps(entries)})
                 pending.clear()
                 entries.clear()
 
@@ -350,3 +368,73 @@ class FeatureCache:
                     table.entries[c] = (f.get_tensor(k), int(meta[k][0]))
         self.stats["cached"] = len(table.entries)
         return table
+
+
+# ------------------------------------------------------------------------------------------------
+# memory-mapped features beside data shards (`text_features: offline` on a shard folder)
+# ------------------------------------------------------------------------------------------------
+class ShardFeatures:
+    """One branch's states for a shard folder: `prefix.safetensors` (the template prefix and the empty
+    caption) and one file per data shard, memory-mapped and read per batch, never all in RAM."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        path = self.folder / "prefix.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: encode the shards' captions first (`encode_shards`)")
+        with safe_open(os.fspath(path), framework="pt") as f:
+            self.prefix, self.empty = f.get_tensor("prefix"), (f.get_tensor("empty"), 0)
+
+    def entries(self, shard: str, keys: Sequence[str]) -> list[Entry]:
+        with safe_open(os.fspath(self.folder / f"{shard}.safetensors"), framework="pt") as f:
+            counts = json.loads(f.metadata()["prompt_tokens"])
+            return [(f.get_tensor(k), int(counts[k])) for k in keys]
+
+    def states(self, captions: Sequence[str], device: torch.device | str,
+               entries: Sequence[Entry]) -> TextStates:
+        """A batch's TextStates; a caption dropped to "" gets the empty caption's states."""
+        return assemble(self.prefix, [self.empty if c == "" else e for c, e in zip(captions, entries)], device)
+
+    def channel_stats(self, max_captions: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """`FeatureNorm` statistics from the first shards' captions (up to `max_captions`)."""
+        def suffixes() -> Iterator[torch.Tensor]:
+            seen = 0
+            for path in sorted(self.folder.glob("shard-*.safetensors")):
+                with safe_open(os.fspath(path), framework="pt") as f:
+                    for k in f.keys():
+                        if seen >= max_captions:
+                            return
+                        seen += 1
+                        yield f.get_tensor(k)
+        return channel_stats(suffixes())
+
+
+def encode_shards(folder: Path, names: Sequence[str], captions_of: Callable[[int], list[tuple[str, str]]],
+                  load: Callable[[], LLM], template: PromptTemplate, max_tokens: int, layer: int, dtype: str,
+                  batch_size: int = 64, rank: int = 0, world: int = 1, write_prefix: bool = True) -> int:
+    """Write the feature file of every data shard that lacks one (ranks take every world-th shard).
+
+    `captions_of(i)` lists shard i's (key, caption). The LLM is loaded only if something is missing.
+    Returns the number of captions encoded here."""
+    todo = [i for i in range(rank, len(names), world) if not (folder / f"{names[i]}.safetensors").is_file()]
+    need_prefix = write_prefix and not (folder / "prefix.safetensors").is_file()
+    if not todo and not need_prefix:
+        return 0
+    encoder = PrefixEncoder(load(), template, max_tokens, layer)
+    store = _DTYPES[dtype]
+
+    if need_prefix:
+        empty = encoder.encode([""])[0]
+        _atomic_save({"prefix": encoder.prefix.float().contiguous(), "empty": empty.suffix.float().contiguous()},
+             folder / "prefix.safetensors", {})
+    done = 0
+    for i in todo:
+        rows = captions_of(i)
+        tensors, counts = {}, {}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            for (key, _), enc in zip(chunk, encoder.encode([c for _, c in chunk])):
+                tensors[key], counts[key] = _store(enc.suffix, store), enc.n_prompt
+        _atomic_save(tensors, folder / f"{names[i]}.safetensors", {"prompt_tokens": json.dumps(counts)})
+        done += len(rows)
+    return done

@@ -8,18 +8,18 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import LIDiTConfig
-from ..features import FeatureTable
 from ..lora import add_lora
 from ..model import LIDiTModel
 from .config import TrainConfig
 from .dist import Dist
 
 
-def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, tables: list[FeatureTable],
+def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list,
                 bf16: bool) -> tuple[LIDiTModel, torch.nn.Module]:
     """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself).
 
-    Every rank measures the same feature statistics from the same caption pool.
+    Every rank measures the same feature statistics from the same captions (`sources`: the text
+    sources of `inputs.text_sources`, each with `channel_stats()`).
     """
     def make() -> LIDiTModel:
         torch.manual_seed(cfg.seed)
@@ -29,7 +29,7 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, tables: list[
             add_lora(model, lora)
         else:
             model = LIDiTModel(model_cfg).init_weights()
-            model.text.set_feature_stats([table.channel_stats() for table in tables])
+            model.text.set_feature_stats([source.channel_stats() for source in sources])
         model.dit.checkpointing = cfg.activation_checkpointing
         if cfg.compile:
             for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's

@@ -1,4 +1,14 @@
-"""What the loop consumes: the image/latent stream and the frozen-LLM feature tables."""
+"""What the loop consumes: the image/latent stream and, per LLM branch, a source of text states.
+
+Text sources (`text_features`):
+- offline, scenes or an image folder: every caption encoded once into the on-disk cache, all loaded
+  into RAM (`FeatureTable`): the small-data fast path;
+- offline, a shard folder: one memory-mapped feature file per data shard (`ShardFeatures`), written
+  once and read per batch by the DataLoader workers, never all in RAM;
+- online: the frozen LLM, cut at the used layer, encodes each batch in the loop (`OnlineText`);
+  replicated on every rank.
+Each has `states(captions, device, entries)` (entries: a batch's memory-mapped states, or None) and
+`channel_stats()` for a fresh model's `FeatureNorm`."""
 from __future__ import annotations
 
 import time
@@ -9,10 +19,13 @@ import torch
 
 from ..config import LIDiTConfig
 from ..data import BucketStream, FolderData, SceneStream, load_vae
-from ..features import FeatureCache, FeatureTable, folder_identity
+from ..features import (Entry, FeatureCache, FeatureTable, PrefixEncoder, ShardFeatures, channel_stats, encode_shards,
+                        feature_group, folder_identity)
 from ..instruction import PromptTemplate
-from ..llm import load_llm
+from ..llm import LLM, encode, load_llm
 from ..precision import compute_dtype
+from ..shards import ShardStream
+from ..text import TextStates
 from .config import DTYPES, TrainConfig
 from .dist import Dist, say
 
@@ -20,6 +33,19 @@ from .dist import Dist, say
 def make_stream(cfg: TrainConfig, model_cfg: LIDiTConfig, d: Dist, micro: int, resolution: int):
     src = cfg.data.source
     latent = model_cfg.latent_format != "pixel"
+    if src.startswith("shards:"):
+        stream = ShardStream(src.split(":", 1)[1], micro, cfg.seed, d.rank, d.world, cfg.data.workers,
+                             cfg.data.prefetch, pin_memory=d.device.type == "cuda")
+        have = stream.shards.latent
+        if have != latent:
+            raise ValueError(f"{src} holds {'latents' if have else 'pixels'}, the model takes "
+                             f"{model_cfg.latent_format if latent else 'pixels'}: convert the images "
+                             f"{'with' if latent else 'without'} --vae")
+        channels = stream.shards.index["latent_channels"] if have else 3
+        if channels != model_cfg.dit.in_channels:
+            raise ValueError(f"{src} holds {channels}-channel inputs, the model takes {model_cfg.dit.in_channels}")
+        _check_latent_constants(stream.latent_scale, model_cfg)
+        return stream
     if src == "scenes":
         if latent or model_cfg.dit.in_channels != 3:
             raise ValueError("the synthetic scenes are RGB pixels: they need a pixel model (latent_format 'pixel', "
@@ -60,12 +86,16 @@ def attach_vae(data: FolderData, vae, cfg: TrainConfig, model_cfg: LIDiTConfig, 
         raise ValueError(f"the VAE makes {channels}-channel latents, the model takes {model_cfg.dit.in_channels}")
     t0 = time.perf_counter()
     data.cache_latents(vae, Path(cfg.cache_dir) / "latents", vae_id, d.device, dtype, d.rank, d.world, d.barrier)
-    scale, shift = data.latent_scale
+    _check_latent_constants(data.latent_scale, model_cfg)
+    say(d, f"latents: {len(data.items)} images cached in {time.perf_counter() - t0:.1f} s")
+
+
+def _check_latent_constants(scale_shift: tuple[float, float], model_cfg: LIDiTConfig) -> None:
+    scale, shift = scale_shift
     want = LATENT_CONSTANTS.get(model_cfg.latent_format)
     if want and (abs(scale - want[0]) > 1e-3 or abs(shift - want[1]) > 1e-3):
         warnings.warn(f"the VAE scales latents by {scale} and shifts by {shift}, but latent_format "
                       f"{model_cfg.latent_format!r} decodes with {want}: the checkpoint will decode wrongly in ComfyUI")
-    say(d, f"latents: {len(data.items)} images cached in {time.perf_counter() - t0:.1f} s")
 
 
 def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], captions: list[str],
@@ -118,3 +148,75 @@ def _quiet_load(folder: Path, layer: int, dtype: torch.dtype, device: torch.devi
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+class OnlineText:
+    """`text_features: online`: the frozen LLM encodes every batch in the loop (no cache on disk)."""
+
+    def __init__(self, llm: LLM, template: PromptTemplate, max_tokens: int, layer: int, sample: list[str]) -> None:
+        self.llm, self.template, self.max_tokens, self.layer = llm, template, max_tokens, layer
+        self.sample = sample  # captions for a fresh model's FeatureNorm statistics
+
+    @torch.no_grad()
+    def states(self, captions: list[str], device: torch.device, entries: list[Entry] | None = None) -> TextStates:
+        return encode(self.llm, captions, self.template, self.max_tokens, self.layer).to(device)
+
+    def channel_stats(self, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = PrefixEncoder(self.llm, self.template, self.max_tokens, self.layer)
+        return channel_stats(e.suffix for i in range(0, len(self.sample), batch)
+                             for e in encoder.encode(self.sample[i:i + batch]))
+
+
+STATS_CAPTIONS = 4096  # captions whose states give a fresh model's FeatureNorm statistics
+
+
+def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], stream, d: Dist) -> tuple[list, list[dict]]:
+    """Per branch, where the loop gets text states from, and what it cost (for the run's stats)."""
+    template = PromptTemplate.of(model_cfg.text)
+    llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
+    if cfg.text_features == "online":
+        sources, stats = [], []
+        sample = _sample_captions(stream, STATS_CAPTIONS)
+        for folder, branch in zip(folders, model_cfg.text.branches):
+            sources.append(OnlineText(_quiet_load(folder, branch.layer, llm_dtype, d.device), template,
+                                      model_cfg.text.max_tokens, branch.layer, sample))
+            stats.append({"branch": branch.name, "folder": str(folder), "mode": "online", "encoded": 0})
+        return sources, stats
+    if isinstance(stream, ShardStream):
+        return _shard_features(cfg, model_cfg, folders, stream, template, llm_dtype, d)
+    return cache_features(cfg, model_cfg, folders, stream.captions, d)
+
+
+def _sample_captions(stream, n: int) -> list[str]:
+    if isinstance(stream, ShardStream):
+        out: list[str] = []
+        for s in range(len(stream.shards)):
+            out += [it.caption for it in stream.shards.items(s)]
+            if len(out) >= n:
+                break
+        return out[:n]
+    return stream.captions[:n]
+
+
+def _shard_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], stream: ShardStream,
+                    template: PromptTemplate, llm_dtype: torch.dtype, d: Dist) -> tuple[list, list[dict]]:
+    """Encode the shards that lack a feature file (ranks split them), then memory-map them all."""
+    shards = stream.shards
+    sources, stats = [], []
+    for folder, branch in zip(folders, model_cfg.text.branches):
+        group = feature_group(folder_identity(folder), branch.layer, template, model_cfg.text.max_tokens,
+                              cfg.feature_dtype)
+        out = shards.root / "features" / f"{folder.name}-{group[:16]}"
+        t0 = time.perf_counter()
+        encoded = encode_shards(out, shards.names, lambda i: [(it.key, it.caption) for it in shards.items(i)],
+                                lambda folder=folder, branch=branch: _quiet_load(folder, branch.layer, llm_dtype, d.device),
+                                template, model_cfg.text.max_tokens, branch.layer, cfg.feature_dtype,
+                                cfg.llm_batch_size, d.rank, d.world, write_prefix=d.main)
+        d.barrier()
+        if encoded:
+            say(d, f"features: {branch.name}: {encoded} captions encoded into {out} ({time.perf_counter() - t0:.1f} s)")
+        sources.append(ShardFeatures(out))
+        stats.append({"branch": branch.name, "folder": str(folder), "mode": "memory-mapped", "dir": str(out),
+                      "encoded": encoded})
+    stream.features = sources
+    return sources, stats
