@@ -98,3 +98,36 @@ def build_tiny_checkpoint(path: str | Path, config: LIDiTConfig, seed: int = 0) 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, extra={"note": "tiny random test checkpoint"})
     return path
+
+
+#: the tiny Qwen3 text encoder that tests/host/server_nodes/lidit_tiny_text_encoders.py has ComfyUI build
+#: (vocabulary: Qwen's 151936, which ComfyUI's bundled Qwen tokenizer needs)
+TINY_QWEN3 = {"vocab": 151936, "hidden": 32, "intermediate": 64, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 8}
+
+
+def build_tiny_qwen3_te(path: str | Path, seed: int = 0) -> Path:
+    """A random Qwen3 text-encoder file in ComfyUI's key format (Comfy-Org's qwen_3_4b.safetensors
+    layout: HF's Qwen3 keys without the LM head), float32, ~19 MB. Written without ComfyUI, so the
+    host ring can provision it before any ComfyUI import; the in-process test checks its keys
+    against ComfyUI's module."""
+    from safetensors.torch import save_file
+
+    c = TINY_QWEN3
+    h, d, inter = c["hidden"], c["head_dim"], c["intermediate"]
+    shapes = {"model.embed_tokens.weight": (c["vocab"], h), "model.norm.weight": (h,)}
+    for i in range(c["layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (c["heads"] * d, h), p + "self_attn.k_proj.weight": (c["kv_heads"] * d, h),
+            p + "self_attn.v_proj.weight": (c["kv_heads"] * d, h), p + "self_attn.o_proj.weight": (h, c["heads"] * d),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(s, generator=gen) * 0.02 if len(s) == 2 else 1 + 0.1 * torch.randn(s, generator=gen))
+             for k, s in shapes.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

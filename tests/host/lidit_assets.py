@@ -25,8 +25,9 @@ import torch
 
 from harness import REPO_ROOT
 from lidit.checkpoint import read_config
-from lidit.config import LIDiTConfig
-from tests.fixtures_models import build_tiny_checkpoint, build_tiny_llm, llm_branch, tiny_config
+from lidit.config import LIDiTConfig, LLMBranch
+from tests.fixtures_models import (TINY_QWEN3, build_tiny_checkpoint, build_tiny_llm, build_tiny_qwen3_te, llm_branch,
+                                   tiny_config)
 
 SMOL, GEMMA = "SmolLM2-135M-Instruct", "gemma-3-270m"
 #: name -> (arch, hidden, chat template) of the tiny stand-in
@@ -35,6 +36,9 @@ DEMO = "lidit-demo.safetensors"
 ONE_LLM = "lidit-demo-smollm2.safetensors"
 EPS, V = "lidit-test-eps.safetensors", "lidit-test-v.safetensors"
 SD3 = "lidit-test-sd3.safetensors"  # 16-channel latents at 1/8 size
+#: workflows/lidit_comfy_text_encoder.json: Comfy-Org's Z-Image text encoder file, and a checkpoint
+#: trained on it (none is published: both are tiny in every mode; the server makes ComfyUI's Qwen3 tiny)
+QWEN3_TE, QWEN3_CKPT = "qwen_3_4b.safetensors", "lidit-qwen3-4b.safetensors"
 PACK_LLM_DIR = REPO_ROOT / "models" / "LLM"
 PACK_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 
@@ -89,6 +93,10 @@ def provision(models_dir: Path) -> Assets:
     checkpoint(ONE_LLM, tiny_config([smol]), seed=2, real_ok=True)
     checkpoint(EPS, tiny_config([smol, gemma], prediction="eps"), seed=3)
     checkpoint(V, tiny_config([smol, gemma], prediction="v"), seed=4)
+    te = models_dir / "text_encoders" / QWEN3_TE
+    if not te.is_file():
+        build_tiny_qwen3_te(te)
+    checkpoint(QWEN3_CKPT, tiny_config([LLMBranch("qwen3_4b", TINY_QWEN3["hidden"], -3)]), seed=6)
     flow = tiny_config([smol, gemma])
     checkpoint(SD3, dataclasses.replace(flow, latent_format="sd3", dit=dataclasses.replace(flow.dit, in_channels=16, patch=2)),
                seed=5)

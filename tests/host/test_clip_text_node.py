@@ -22,13 +22,17 @@ def tiny_te(pack, tmp_path_factory) -> dict:
     import folder_paths
     import nodes as comfy_nodes
     from server_nodes import lidit_tiny_text_encoders as tiny
-    from tests.fixtures_models import build_tiny_checkpoint, tiny_config
+    from safetensors.torch import load_file
+
+    from tests.fixtures_models import build_tiny_checkpoint, build_tiny_qwen3_te, tiny_config
 
     root = tmp_path_factory.mktemp("clip_te")
     tiny.install()
-    tiny.write_tiny_qwen3(root / "text_encoders" / "tiny_qwen3.safetensors")
+    path = build_tiny_qwen3_te(root / "text_encoders" / "tiny_qwen3.safetensors")
     folder_paths.add_model_folder_path("text_encoders", str(root / "text_encoders"))
     (clip,) = comfy_nodes.CLIPLoader().load_clip("tiny_qwen3.safetensors", "lumina2")
+    # the file is in ComfyUI's key format: every weight of ComfyUI's Qwen3 module, nothing else
+    assert set(load_file(path)) == set(clip.cond_stage_model.qwen3_4b.transformer.state_dict())
     branch = inproc.sub("lidit.config").LLMBranch("qwen3_4b", tiny.HIDDEN, -3)
     ckpt = build_tiny_checkpoint(root / "qwen3.safetensors", tiny_config([branch]), seed=11)
     return {"clip": clip, "ckpt": ckpt, "root": root}

@@ -69,7 +69,7 @@ def test_node_definitions_match_the_snapshot(comfy_server: ComfyServer) -> None:
 
 def test_every_node_is_prefixed_named_and_every_input_has_a_tooltip(comfy_server: ComfyServer) -> None:
     nodes = pack_nodes(comfy_server.object_info())
-    assert len(nodes) == 6
+    assert len(nodes) == 7
     for name, info in nodes.items():
         assert name.startswith(PREFIX) and info["display_name"].startswith("LI-DiT "), name
         assert info["description"], name

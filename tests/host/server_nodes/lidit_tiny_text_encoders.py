@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
-import torch
-
-import comfy.ops
 import comfy.sd
 import comfy.text_encoders.llama as llama
 
-HIDDEN = 32
+HIDDEN = 32  # the sizes of tests/fixtures_models.py TINY_QWEN3 (its file is what this loads)
 
 
 @dataclasses.dataclass
@@ -28,7 +24,7 @@ class TinyQwen3Config(llama.Qwen3_4BConfig):
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim = 8  # vocab_size stays Qwen's 151936: the bundled tokenizer's ids need it
+    head_dim = 8  # vocab_size stays Qwen's 151936
 
 
 def _tiny(state_dict: dict) -> bool:
@@ -54,19 +50,6 @@ def install() -> None:
 
     load.lidit_tiny = True
     comfy.sd.load_text_encoder_state_dicts = load
-
-
-def write_tiny_qwen3(path: Path, seed: int = 0) -> Path:
-    """A random tiny Qwen3 in ComfyUI's key format (its own module's state dict), float32."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    model = llama.Llama2_(TinyQwen3Config(), device="cpu", dtype=torch.float32, ops=comfy.ops.manual_cast)
-    state = {f"model.{k}": torch.randn(v.shape) * (0.02 if v.dim() > 1 else 0.1) + (v.dim() == 1)
-             for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path
 
 
 install()
