@@ -66,6 +66,13 @@ class TrainConfig:
     fsdp: bool = False
     progress: str = "auto"              # auto (tqdm on a terminal) | tqdm | plain | none
     rank_hashes: bool = False           # debug: every rank writes rank<N>.json with a hash of its weights
+    async_checkpoint: bool = False      # write resume/ in the background (DCP async_save) while training goes on
+    tensorboard: bool = False           # TensorBoard event files in output_dir/tb (pip install tensorboard)
+    sample_every: int = 0               # steps between sample grids drawn with the EMA weights (0 = off)
+    sample_prompts: list[str] | None = None  # the grid's prompts; default: 8 held-out scene prompts
+    sample_steps: int | None = None     # sampler steps of grids and benchmark (default: the model config's)
+    benchmark_every: int = 0            # steps between prompt-following benchmarks on the EMA weights (0 = off)
+    benchmark_count: int = 16           # benchmark prompts: held-out scene combinations (lidit.eval's set)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -107,6 +114,11 @@ class TrainConfig:
             raise ValueError("caption_dropout must be in [0, 1]")
         if self.grad_accum < 1 or self.batch_size < 1 or self.steps < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and steps >= 0")
+        if self.sample_every < 0 or self.benchmark_every < 0 or self.benchmark_count < 1:
+            raise ValueError("sample_every and benchmark_every must be >= 0 (0 = off), benchmark_count >= 1")
+        if self.sample_prompts is not None and (not self.sample_prompts or
+                                                not all(isinstance(p, str) for p in self.sample_prompts)):
+            raise ValueError("sample_prompts must be a non-empty list of strings (or null for the default)")
         for name in ("feature_dtype", "save_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}")

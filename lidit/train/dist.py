@@ -74,11 +74,18 @@ def shard_of(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def unshard(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP-sharded) local shard `t` of parameter `like`."""
+def sharded_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A local shard `t` of parameter `like` as the DTensor it is a shard of (FSDP2), or `t` itself;
+    the DTensor shares `t`'s memory, so a checkpoint can load into it in place."""
     if hasattr(like, "to_local"):
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
-                                  stride=like.stride(), run_check=False).full_tensor()
+                                  stride=like.stride(), run_check=False)
     return t
+
+
+def unshard(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) local shard `t` of parameter `like`."""
+    full = sharded_like(t, like)
+    return full.full_tensor() if full is not t else t

@@ -25,7 +25,8 @@ from .inputs import cache_features, make_stream
 from .optim import EMA, make_optimizer, weights_hash
 from .progress import Progress
 from .schedule import ema_decay_at, lr_at
-from .state import command_line, load_resume, save_model, save_resume
+from .state import ResumeSaver, command_line, load_resume, rank_rngs, save_model
+from .watch import Watch
 
 _STARTED: float | None = time.time()  # the wall-clock budget counts from process start, feature caching included
 
@@ -65,9 +66,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = make_optimizer(cfg, named, d.device)
     ema = EMA(named)
-    seeds = np.random.SeedSequence([cfg.seed, d.rank, 0x7EA1]).generate_state(2)
-    dropout_rng = np.random.default_rng(int(seeds[0]))
-    noise_gen = torch.Generator(d.device).manual_seed(int(seeds[1]))
+    dropout_rng, noise_gen = rank_rngs(cfg.seed, d.rank, d.device)
 
     step, prior_seconds, images_seen = 0, 0.0, 0
     window: list[float] = []  # per-step losses since the last log line
@@ -83,6 +82,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         kept = [] if not resume or not log_path.exists() else [
             line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in kept))
+    watch = Watch(cfg, model_cfg, out, d, folders, step)
+    saver = ResumeSaver(out, d, cfg.async_checkpoint)
     progress = Progress(cfg.progress, cfg.steps, step, cfg.log_every, d.main, started + budget if budget else None)
     start_step, t_loop = step, time.perf_counter()
     last_loss = float("nan")
@@ -104,7 +105,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
         extra = {"training_command": command_line(argv), "training_config": json.dumps(cfg.to_dict()),
                  "training_stats": json.dumps(stats, default=str)}
         save_model(out / "model.safetensors", model, ema, cfg, extra, d)
-        save_resume(out, step, model, named, ema, opt, stream, dropout_rng, noise_gen, cfg, model_cfg, info(), d)
+        saver.save(step, named, ema, opt, stream, dropout_rng, noise_gen, cfg, model_cfg, info())
 
     net.train()
     stop = False
@@ -154,12 +155,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
             window = [float(x) for x in window]
             mean_loss, gn = d.mean([sum(window) / len(window), gn])
             last_loss = logged = mean_loss
+            step_seconds = float(np.mean(step_times[-len(window):]))
+            row = {"step": step, "loss": round(mean_loss, 6), "lr": lr, "grad_norm": round(gn, 4), "images": images_seen,
+                   "seconds": round(prior_seconds + time.perf_counter() - t_loop, 2),
+                   "step_seconds": round(step_seconds, 4), **watch.throughput(step_seconds)}
             if d.main:
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": round(mean_loss, 6), "lr": lr, "grad_norm": round(gn, 4),
-                                        "images": images_seen, "seconds": round(prior_seconds + time.perf_counter() - t_loop, 2),
-                                        "step_seconds": round(float(np.mean(step_times[-len(window):])), 4)}) + "\n")
+                    f.write(json.dumps(row) + "\n")
+                watch.scalars(step, row)
             window = []
+        watch.after_step(step, model, ema, log_path)
         progress.update(step, logged, lr)
         out_of_time = budget is not None and d.agree(time.time() - started + step_times[-1] > budget)
         stop = out_of_time or (stop_after is not None and step - start_step >= stop_after)
@@ -169,6 +174,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
             checkpoint()
     progress.close()
     checkpoint()
+    saver.wait()
+    watch.close()
     result = {**info(), "output_dir": str(out), "feature_seconds": t_features, "features": feature_stats}
     if cfg.rank_hashes:
         hashes = {"weights": weights_hash(named), "ema": weights_hash([(n, p) for n, p in named], ema.shadow)}

@@ -1,25 +1,39 @@
-"""What a run leaves: model.safetensors (or lora.safetensors) and an exact resume state."""
+"""What a run leaves: model.safetensors (or lora.safetensors) and a resume state that reshards.
+
+The resume state goes through torch.distributed.checkpoint (DCP) with its Hugging Face safetensors
+storage: every rank writes the shards it owns with their offsets, and the reader rebuilds the
+layout from the safetensors headers. Nothing is pickled, and any world size, with DDP, FSDP2 or
+one process, loads what any other saved.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shlex
 import shutil
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from ..checkpoint import save_checkpoint
 from ..config import LIDiTConfig
-from ..lora import save_lora
+from ..lora import add_lora, save_lora
 from ..model import LIDiTModel
 from .config import DTYPES, TrainConfig
-from .dist import Dist, shard_of
+from .dist import Dist, sharded_like
 from .optim import EMA
 
-RESUME_FORMAT = "lidit-resume-v1"
+RESUME_FORMAT = "lidit-resume-v2"
+# one process without a process group is DCP's `no_dist` mode, which warns at every call
+warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to (load|save) in a single process")
+RNG_SALT = 0x7EA1
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -41,102 +55,155 @@ def save_model(path: Path, model: LIDiTModel, ema: EMA, cfg: TrainConfig, extra:
         os.replace(tmp, path.with_name("lora.safetensors"))
         return
     dtype = DTYPES[cfg.save_dtype]
-    with torch.device("meta"):
-        out = LIDiTModel(model.config)
-    out.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_checkpoint(tmp, out, extra)
+    save_checkpoint(tmp, ema_model(model, {k: v.to(dtype) for k, v in state.items()}, cfg), extra)
     os.replace(tmp, path)
 
 
-def _opt_tensors(opt: torch.optim.Optimizer, named) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
+def ema_model(model: LIDiTModel, state: dict[str, torch.Tensor], cfg: TrainConfig) -> LIDiTModel:
+    """A plain (unsharded) model holding `state`, e.g. the gathered EMA weights: built on the meta
+    device, so its tensors are `state`'s own, with no second copy."""
+    with torch.device("meta"):
+        out = LIDiTModel(model.config)
+        if cfg.lora is not None:
+            add_lora(out, cfg.lora_config())
+    out.load_state_dict(state, assign=True)
+    return out
+
+
+def rank_rngs(seed: int, rank: int, device: torch.device,
+              step: int | None = None) -> tuple[np.random.Generator, torch.Generator]:
+    """A rank's caption-dropout RNG and noise generator; with `step`, fresh ones for a rank that
+    resumes a state saved at another world size (its own saved streams may not exist)."""
+    seeds = np.random.SeedSequence([seed, rank, RNG_SALT, *([] if step is None else [step])]).generate_state(2)
+    return np.random.default_rng(int(seeds[0])), torch.Generator(device).manual_seed(int(seeds[1]))
+
+
+def _resume_tensors(named, ema: EMA, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The logical layout, the same for one process, DDP and FSDP2: `model.<name>`, `ema.<name>`,
+    `optim.<name>.<key>`. Under FSDP2 the values are DTensors, so each rank writes its shards."""
+    out = {}
     for name, p in named:
-        for key, value in opt.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{name}.{key}"] = shard_of(value).detach().cpu().contiguous()
-            else:
-                scalars[f"{name}.{key}"] = value
-    return tensors, scalars
+        out[f"model.{name}"] = p.detach()
+        out[f"ema.{name}"] = sharded_like(ema.shadow[name], p)
+        out.update({f"optim.{name}.{key}": value.detach() for key, value in opt.state.get(p, {}).items()})
+    return out
 
 
-def save_resume(root: Path, step: int, model: LIDiTModel, named, ema: EMA, opt, stream, dropout_rng, noise_gen,
-                cfg: TrainConfig, model_cfg: LIDiTConfig, info: dict, d: Dist) -> None:
-    """`root/resume/`: written to a temporary folder by all ranks, then swapped in by rank 0."""
-    tmp, final = root / "resume.tmp", root / "resume"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    sharded = cfg.fsdp
-    if d.main or sharded:
-        tensors = {f"model.{n}": shard_of(p).detach().cpu().contiguous() for n, p in named}
-        tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
-        opt_tensors, opt_scalars = _opt_tensors(opt, named)
-        tensors.update(opt_tensors)
-        save_file(tensors, os.fspath(tmp / (f"state-rank{d.rank}.safetensors" if sharded else "state.safetensors")),
-                  metadata={"format": RESUME_FORMAT})
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+class ResumeSaver:
+    """Writes `root/resume/` atomically: all ranks write `resume.tmp/`, and rank 0 swaps it in once
+    every rank has finished. With `async_save`, DCP copies the state to host memory and writes it in
+    a background thread (on a gloo group of its own) while training goes on; the next save, and
+    `wait()` at the end, finish it first."""
+
+    def __init__(self, root: Path, d: Dist, async_save: bool) -> None:
+        self.root, self.d, self.async_save = root, d, async_save
+        self.pending: Future | None = None
+        self.group = dist.new_group(backend="gloo") if async_save and not _no_dist() else None
+
+    def save(self, step: int, named, ema: EMA, opt: torch.optim.Optimizer, stream, dropout_rng: np.random.Generator,
+             noise_gen: torch.Generator, cfg: TrainConfig, model_cfg: LIDiTConfig, info: dict) -> None:
+        self.wait()
+        d, tmp = self.d, self.root / "resume.tmp"
         if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             (tmp / "state.json").write_text(json.dumps({
-                "format": RESUME_FORMAT, "step": step, "world_size": d.world, "fsdp": sharded,
+                "format": RESUME_FORMAT, "step": step, "world_size": d.world, "fsdp": cfg.fsdp,
                 "train_config": cfg.to_dict(), "model_config": model_cfg.to_dict(),
-                "optimizer_scalars": opt_scalars,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
                 **info}, indent=1, default=list))
-    rng = {"data": stream.state_dict(), "dropout": dropout_rng.bit_generator.state,
-           "noise": noise_gen.get_state().cpu().numpy().tobytes().hex()}
-    (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng))
-    d.barrier()
-    if d.main:
-        old = root / "resume.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+        d.barrier()
+        rng = {"data": stream.state_dict(), "dropout": dropout_rng.bit_generator.state,
+               "noise": noise_gen.get_state().cpu().numpy().tobytes().hex()}
+        (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng))
+        writer = HuggingFaceStorageWriter(os.fspath(tmp / "dcp"), save_distributed=True)
+        state = _resume_tensors(named, ema, opt)
+        if self.async_save:
+            self.pending = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=_no_dist())
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+            self._publish()
+
+    def wait(self) -> None:
+        """Finish (and publish) a save still being written in the background."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+            self._publish()
+
+    def _publish(self) -> None:
+        d = self.d
+        d.barrier()
+        if d.main:
+            final, old = self.root / "resume", self.root / "resume.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            (self.root / "resume.tmp").rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
 
 
-def load_resume(path: Path, model_cfg: LIDiTConfig, named, ema: EMA, opt, stream, dropout_rng, noise_gen,
-                cfg: TrainConfig, d: Dist) -> dict:
+def read_resume_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a resume folder, whole and on the CPU, in this one process (inspection, tests)."""
+    reader = HuggingFaceStorageReader(os.fspath(Path(path) / "dcp"))
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in reader.read_metadata().state_dict_metadata.items()}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+def load_resume(path: Path, model_cfg: LIDiTConfig, named, ema: EMA, opt: torch.optim.Optimizer, stream,
+                dropout_rng: np.random.Generator, noise_gen: torch.Generator, cfg: TrainConfig, d: Dist) -> dict:
+    """Load a resume state in place, resharded to this run's world size and parallelism.
+
+    At the saved world size every rank also gets its own RNG and data position back: the run
+    continues bit for bit. At another world size the weights, EMA and optimiser state are still
+    exact, but the dropout and noise RNGs are fresh (seeded by seed, rank and step) and each rank
+    takes the data state of the same rank number, if there was one.
+    """
     meta = json.loads((path / "state.json").read_text())
     if meta.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{path} is not a lidit resume state")
+        raise ValueError(f"{path} is not a {RESUME_FORMAT} resume state (format {meta.get('format')!r})")
     if meta["model_config"] != json.loads(model_cfg.to_json()):
         raise ValueError(f"{path} was saved for another model config")
-    if meta["world_size"] != d.world:
-        raise ValueError(f"{path} was saved by {meta['world_size']} processes; resume with the same number "
-                         f"(the data order of each process is part of the state)")
-    if meta["fsdp"] != cfg.fsdp:
-        raise ValueError(f"{path} was saved {'with' if meta['fsdp'] else 'without'} --fsdp; resume the same way")
-    file = path / (f"state-rank{d.rank}.safetensors" if meta["fsdp"] else "state.safetensors")
-    tensors = load_file(os.fspath(file))
-    with torch.no_grad():
-        for name, p in named:
-            shard_of(p).copy_(tensors[f"model.{name}"])
-            ema.shadow[name].copy_(tensors[f"ema.{name}"])
-            state = {}
-            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                t = tensors.get(f"optim.{name}.{key}")
-                if t is None:
-                    continue
-                if key == "step":
-                    state[key] = t.clone()
-                elif hasattr(p, "to_local"):
-                    from torch.distributed.tensor import DTensor
-
-                    state[key] = DTensor.from_local(t.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                                    shape=p.shape, stride=p.stride(), run_check=False)
-                else:
-                    state[key] = t.to(p.device, p.dtype)
-            for key, value in meta["optimizer_scalars"].items():
-                pname, _, skey = key.rpartition(".")
-                if pname == name:
-                    state[skey] = value
-            if state:
-                opt.state[p] = state
-    rng = json.loads((path / f"rng-rank{d.rank}.json").read_text())
-    stream.load_state_dict(rng["data"])
-    dropout_rng.bit_generator.state = rng["dropout"]
-    noise_gen.set_state(torch.frombuffer(bytearray.fromhex(rng["noise"]), dtype=torch.uint8))
+    reader = HuggingFaceStorageReader(os.fspath(path / "dcp"))
+    params = dict(named)
+    targets = {}
+    for name, p in named:
+        targets[f"model.{name}"] = p.detach()
+        targets[f"ema.{name}"] = sharded_like(ema.shadow[name], p)
+    optim: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+    for key, m in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith("optim."):
+            name, _, field = key.removeprefix("optim.").rpartition(".")
+            if name not in params:
+                raise ValueError(f"{path} holds optimiser state for {name}, which this run does not train")
+            p = params[name]
+            whole = tuple(m.size) == tuple(p.shape)  # moments, sharded like the parameter; else e.g. the step count
+            value = torch.zeros_like(p.detach(), dtype=m.properties.dtype) if whole else torch.zeros(m.size, dtype=m.properties.dtype)
+            optim.setdefault(p, {})[field] = targets[key] = value
+    dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    opt.load_state_dict({"state": {index[id(p)]: s for p, s in optim.items()},
+                         "param_groups": opt.state_dict()["param_groups"]})
+    rng_file = path / f"rng-rank{d.rank}.json"
+    rng = json.loads(rng_file.read_text()) if rng_file.is_file() else None
+    if rng is not None:
+        stream.load_state_dict(rng["data"])
+    if meta["world_size"] == d.world:
+        dropout_rng.bit_generator.state = rng["dropout"]
+        noise_gen.set_state(torch.frombuffer(bytearray.fromhex(rng["noise"]), dtype=torch.uint8))
+    else:
+        fresh_dropout, fresh_noise = rank_rngs(cfg.seed, d.rank, d.device, meta["step"])
+        dropout_rng.bit_generator.state = fresh_dropout.bit_generator.state
+        noise_gen.set_state(fresh_noise.get_state())
+        if d.main:
+            warnings.warn(f"{path} was saved by {meta['world_size']} processes and resumes on {d.world}: weights, EMA "
+                          f"and optimiser state are exact, but the data order and noise differ from an "
+                          f"uninterrupted run", stacklevel=2)
     return meta

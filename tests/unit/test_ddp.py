@@ -2,7 +2,8 @@
 
 One torchrun launch runs the `python -m lidit.train` entry point four times in the same two processes
 (DDP; FSDP for 2 steps; FSDP resumed for 2 more; FSDP with the bf16 mixed-precision policy): starting Python, torch and the process group once
-keeps this file well under a minute on a busy 2-core machine.
+keeps this file well under a minute on a busy 2-core machine. The resume states they save (DCP) are then
+loaded by one process: resharded, exactly.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from lidit.train import TrainConfig, train
+from lidit.train.state import read_resume_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
@@ -67,9 +71,11 @@ def test_ddp_two_processes_end_with_identical_weights(runs):
 
 def test_fsdp_shards_trains_and_resumes(runs):
     """FSDP2 (fully_shard per DiT block / refiner) on gloo: 2 steps, save per-rank shards, resume for 2 more."""
-    assert (runs / "fsdp/resume/state-rank1.safetensors").is_file()
-    shard = load_file(runs / "fsdp/resume/state-rank0.safetensors")
-    full = load_file(runs / "ddp/resume/state.safetensors")
+    files = sorted((runs / "fsdp/resume").rglob("*"))
+    shards = [f for f in files if f.suffix == ".safetensors"]
+    assert len(shards) == 2 and all(f.suffix in (".safetensors", ".json") for f in files if f.is_file())  # no pickle
+    shard = load_file(shards[0])  # rank 0's
+    full = read_resume_tensors(runs / "ddp/resume")
     key = "model.dit.blocks.0.mlp.fc1.weight"
     assert shard[key].shape[0] * 2 == full[key].shape[0]  # each rank holds half of every sharded weight
     r0, r1 = rank_files(runs / "fsdp")
@@ -86,3 +92,25 @@ def test_fsdp_with_the_bf16_policy_trains(runs):
     weights = load_file(runs / "fsdp-bf16/model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert weights["dit.final.linear.weight"].abs().max() > 0  # zero-initialised, moved by training
+
+
+def test_a_run_saved_by_two_processes_resumes_on_one(runs, tmp_path):
+    """DCP reshards: the DDP (replicated) and FSDP (sharded) states of two ranks load into one process
+    with the same weights, EMA and optimiser state, and training goes on from there."""
+    base = json.loads((runs / "config.json").read_text())
+    for saved in ("ddp", "fsdp"):
+        cfg = TrainConfig.from_dict({**base, "output_dir": str(tmp_path / saved)})  # steps 4: load, then save
+        with pytest.warns(UserWarning, match="data order and noise differ"):
+            train(cfg, resume=runs / saved / "resume")
+        mine, theirs = json.loads((tmp_path / saved / "rank0.json").read_text()), rank_files(runs / saved)[0]
+        assert mine["step"] == 4 and (mine["weights"], mine["ema"]) == (theirs["weights"], theirs["ema"])
+        before, after = read_resume_tensors(runs / saved / "resume"), read_resume_tensors(tmp_path / saved / "resume")
+        assert before.keys() == after.keys() and any(k.startswith("optim.") for k in before)
+        assert all(torch.equal(before[k], after[k]) for k in before), saved
+        assert json.loads((tmp_path / saved / "resume/state.json").read_text())["world_size"] == 1
+    cfg = TrainConfig.from_dict({**base, "output_dir": str(tmp_path / "more"), "steps": 6})
+    with pytest.warns(UserWarning, match="data order and noise differ"):
+        result = train(cfg, resume=runs / "ddp" / "resume")
+    lines = [json.loads(line) for line in (tmp_path / "more/log.jsonl").read_text().splitlines()]
+    assert result["step"] == 6 and [line["step"] for line in lines] == [5, 6]
+    assert all(0 < line["loss"] < 10 for line in lines)

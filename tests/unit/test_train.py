@@ -20,6 +20,7 @@ from lidit.features import FeatureCache, PrefixEncoder
 from lidit.instruction import PromptTemplate, template_ids
 from lidit.llm import encode, load_llm
 from lidit.train import TrainConfig, load_config, lr_at, model_config
+from lidit.train.state import read_resume_tensors
 
 torch.set_num_threads(1)
 CAPTIONS = ["", "a red circle", "a red circle, a blue square and a green triangle", "x",
@@ -155,15 +156,17 @@ def test_checkpoint_carries_the_statistics_of_the_caption_features(tiny_llm_dirs
 # resume
 # ------------------------------------------------------------------------------------------------
 def test_resume_continues_exactly(tiny_llm_dirs, tmp_path):
+    """The split run saves asynchronously (also at step 2, written while step 3 trains): same bits."""
     kw = dict(steps=6, grad_accum=2, lr_schedule="cosine", warmup_steps=2, caption_dropout=0.3)
     whole = config(tiny_llm_dirs, tmp_path, output_dir=str(tmp_path / "whole"), **kw)
-    split = config(tiny_llm_dirs, tmp_path, output_dir=str(tmp_path / "split"), **kw)
+    split = config(tiny_llm_dirs, tmp_path, output_dir=str(tmp_path / "split"), async_checkpoint=True,
+                   checkpoint_every=2, **kw)
     quiet_train(whole)
     first = quiet_train(split, stop_after=3)
     assert first["step"] == 3 and json.loads((tmp_path / "split/resume/state.json").read_text())["step"] == 3
     quiet_train(split, resume=tmp_path / "split/resume")
     a, b = tmp_path / "whole", tmp_path / "split"
-    sa, sb = load_file(a / "resume/state.safetensors"), load_file(b / "resume/state.safetensors")
+    sa, sb = read_resume_tensors(a / "resume"), read_resume_tensors(b / "resume")
     assert sa.keys() == sb.keys() and any(k.startswith("optim.") for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "raw weights, EMA or optimizer state differ"
     assert (a / "resume/rng-rank0.json").read_text() == (b / "resume/rng-rank0.json").read_text()
