@@ -46,6 +46,9 @@ class _Stop(Exception):
         self.hidden = hidden
 
 
+TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+
+
 class GemmaSentencePiece:
     """ComfyUI's SPieceTokenizer (Gemma's) with what `lidit.instruction` asks of an HF tokenizer,
     and Gemma's chat format, which ComfyUI does not ship.
@@ -61,9 +64,11 @@ class GemmaSentencePiece:
         self.sp = spiece.tokenizer
         self.bos_token_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.pad_token_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
-        special = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
-                   if self.sp.is_control(i) or self.sp.is_user_defined(i)}
-        special.pop("", None)
+        # control pieces (<bos>, <pad>) never come out of encoding text; the turn markers do only if
+        # the model declares them user-defined: map all of them by name
+        special = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+        special.update({p: self.sp.piece_to_id(p) for p in TURN_MARKERS
+                        if self.sp.piece_to_id(p) != self.sp.unk_id()})
         self.special = special
         self.split = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
 

@@ -116,3 +116,35 @@ def test_encoder_names_and_a_clip_without_a_decoder_llm_get_clear_errors(tiny_te
     (clip_l,) = comfy_nodes.CLIPLoader().load_clip("clip_l.safetensors", "stable_diffusion")
     with pytest.raises(ValueError, match=r"holds no decoder LLM, only: clip_l \(CLIPTextModel\)\. .*Qwen3-4B"):
         encode(clip_l, PROMPT)
+
+
+def test_gemma_sentencepiece_tokenizer_gets_gemmas_chat_format(pack) -> None:
+    """Lumina 2's Gemma-2 comes with ComfyUI's SPieceTokenizer, which has no chat template: the node
+    gives it Gemma's turns, the system prompt folded into the user turn (Gemma has no system turn),
+    and writes special pieces as their ids. Here on a tiny sentencepiece model built like Gemma's
+    (ids pad 0, eos 1, bos 2; <start_of_turn>/<end_of_turn> user-defined; no dummy prefix)."""
+    import io
+
+    import sentencepiece as spm
+    from comfy.text_encoders.spiece_tokenizer import SPieceTokenizer
+
+    from tests.fixtures_models import CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=400, model_type="bpe", pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    sot, eot = sp.piece_to_id("<start_of_turn>"), sp.piece_to_id("<end_of_turn>")
+    tok = inproc.sub("nodes.clip_text").GemmaSentencePiece(SPieceTokenizer(buf.getvalue(), add_bos=True, add_eos=False))
+    instruction = inproc.sub("lidit.instruction")
+    template = instruction.PromptTemplate("Describe the image:", "Be brief.", True)
+    before, after = instruction.template_ids(tok, template)
+    assert before == [2, sot] + sp.encode("user\nBe brief.\n\nDescribe the image:\n")
+    assert after == [eot] + sp.encode("\n") + [sot] + sp.encode("model\n")
+    batch = instruction.tokenize_prompts(tok, [PROMPT], template, 256)
+    assert batch.input_ids[batch.prompt].tolist() == sp.encode(PROMPT)
+    plain = instruction.template_ids(tok, instruction.PromptTemplate("Describe the image:", "", False))
+    assert plain == ([2] + sp.encode("Describe the image:\n"), [])
