@@ -24,6 +24,11 @@ from .text import TextStates
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
+SUPPORTED_FOLDERS = ("LI-DiT encodes with the HF folders of decoder-only text LLMs (Llama, Qwen2, Qwen3, Gemma, "
+                     "Gemma-2, Gemma-3, SmolLM2, Mistral); vision-language folders (Qwen2.5-VL, LLaVA) are not "
+                     "supported.")
+
+
 class _Stop(Exception):
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
@@ -93,6 +98,11 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'} cannot be read as a transformers config: {e}. Get the model "
                          "folder again, or a transformers version that knows its architecture.") from None
+    if getattr(config, "vision_config", None) is not None:  # refused before any weight (a vision tower) loads
+        raise NotImplementedError(
+            f"{path.name} is a vision-language model ({config.model_type}); {SUPPORTED_FOLDERS} In ComfyUI, "
+            "Qwen2.5-VL-7B's language model loads from Qwen-Image's text-encoder file "
+            "(qwen_2.5_vl_7b_fp8_scaled.safetensors, CLIPLoader) into LI-DiT Instructed Encode (CLIP).")
     text_config = config.get_text_config()
     total = text_config.num_hidden_layers
     keep = total if layer is None else max(layers_needed(total, k) for k in ([layer] if isinstance(layer, int) else layer))
@@ -110,8 +120,7 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     if not isinstance(final_norm, nn.Module) or not isinstance(getattr(model, "layers", None), nn.ModuleList):
         raise NotImplementedError(
             f"{path.name}: {type(model).__name__} is not a decoder-only text LLM with a `layers` + `norm` stack. "
-            "LI-DiT encodes with text LLMs such as Llama, Qwen2, Gemma, SmolLM2 and Mistral; vision-language "
-            "folders (Qwen2.5-VL, LLaVA) are not supported yet.")
+            f"{SUPPORTED_FOLDERS}")
     model.norm = nn.Identity()  # hidden_states[i < total] are raw layer outputs; only the last is normed
     model.requires_grad_(False).eval().to(device)
     final_norm.requires_grad_(False).to(device)
