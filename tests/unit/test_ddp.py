@@ -1,7 +1,8 @@
 """Two real processes under torchrun on CPU (gloo): DDP and FSDP2 end with identical weights on every rank.
 
-One torchrun launch runs the `python -m lidit.train` entry point four times in the same two processes
-(DDP; FSDP for 2 steps; FSDP resumed for 2 more; FSDP with the bf16 mixed-precision policy): starting Python, torch and the process group once
+One torchrun launch runs the `python -m lidit.train` entry point six times in the same two processes
+(DDP; DDP for 2 steps and resumed for 2 more, saving asynchronously; FSDP for 2 steps; FSDP resumed for 2 more;
+FSDP with the bf16 mixed-precision policy): starting Python, torch and the process group once
 keeps this file well under a minute on a busy 2-core machine. The resume states they save (DCP) are then
 loaded by one process: resharded, exactly.
 """
@@ -28,6 +29,9 @@ from lidit.train import main
 dist.init_process_group("gloo")
 config, out = sys.argv[1], sys.argv[2]
 main(["--config", config, f"output_dir={out}/ddp"])
+split = ["--config", config, f"output_dir={out}/ddp-split", "async_checkpoint=true", "checkpoint_every=1"]
+main([*split, "--stop-after", "2"])
+main([*split, "--resume"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--stop-after", "2"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--resume"])
 main(["--config", config, f"output_dir={out}/fsdp-bf16", "--fsdp", "mixed_precision=bf16", "--stop-after", "2"])
@@ -67,6 +71,19 @@ def test_ddp_two_processes_end_with_identical_weights(runs):
     rng = [json.loads((runs / f"ddp/resume/rng-rank{r}.json").read_text())["data"] for r in range(2)]
     assert rng[0] != rng[1]
     assert len((runs / "ddp/log.jsonl").read_text().splitlines()) == 4
+
+
+def test_ddp_stopped_and_resumed_is_the_uninterrupted_run(runs):
+    """2 + 2 steps on 2 processes, an async save after every step: bit for bit the 4 steps in one go."""
+    assert rank_files(runs / "ddp-split") == rank_files(runs / "ddp")
+    losses = [[json.loads(line)["loss"] for line in (runs / run / "log.jsonl").read_text().splitlines()]
+              for run in ("ddp", "ddp-split")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    whole, split = read_resume_tensors(runs / "ddp/resume"), read_resume_tensors(runs / "ddp-split/resume")
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    for r in range(2):
+        assert ((runs / f"ddp/resume/rng-rank{r}.json").read_text()
+                == (runs / f"ddp-split/resume/rng-rank{r}.json").read_text())
 
 
 def test_fsdp_shards_trains_and_resumes(runs):
