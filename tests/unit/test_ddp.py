@@ -34,7 +34,8 @@ main([*split, "--stop-after", "2"])
 main([*split, "--resume"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--stop-after", "2"])
 main(["--config", config, f"output_dir={out}/fsdp", "--fsdp", "--resume"])
-main(["--config", config, f"output_dir={out}/fsdp-bf16", "--fsdp", "mixed_precision=bf16", "--stop-after", "2"])
+main(["--config", config, f"output_dir={out}/fsdp-bf16", "--fsdp", "mixed_precision=bf16", "--stop-after", "2",
+      "sample_every=2", "tensorboard=true"])
 dist.destroy_process_group()
 """
 
@@ -109,6 +110,9 @@ def test_fsdp_with_the_bf16_policy_trains(runs):
     weights = load_file(runs / "fsdp-bf16/model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert weights["dit.final.linear.weight"].abs().max() > 0  # zero-initialised, moved by training
+    # rank 0 drew the grid with the EMA gathered from both ranks' shards, and alone wrote TensorBoard
+    assert (runs / "fsdp-bf16/samples/step-000002.png").is_file()
+    assert len(list((runs / "fsdp-bf16/tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_a_run_saved_by_two_processes_resumes_on_one(runs, tmp_path):
