@@ -1,0 +1,65 @@
+"""The interval math behind every figure of the benchmark: if it breaks, the README's claims do."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lidit.stats import Interval, cluster_bootstrap, separated, wilson
+
+
+def test_wilson_matches_hand_computed_values():
+    # 5 of 10: centre (0.5 + z²/20) / (1 + z²/10) = 0.5, half width z sqrt(0.025 + z²/400) / (1 + z²/10)
+    assert (wilson(5, 10).lo, wilson(5, 10).hi) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert (wilson(0, 10).lo, wilson(0, 10).hi) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    # the README's demo figure: 147 of 150 objects
+    assert (wilson(147, 150).lo, wilson(147, 150).hi) == pytest.approx((0.942853, 0.993175), abs=1e-6)
+    assert wilson(150, 150).hi == 1.0 and wilson(0, 0).value != wilson(0, 0).value  # nan without trials
+
+
+def test_wilson_covers_a_known_binomial():
+    rng = np.random.default_rng(0)
+    p, n = 0.8, 150
+    hits = [(lambda iv: iv.lo <= p <= iv.hi)(wilson(int(k), n)) for k in rng.binomial(n, p, size=4000)]
+    assert 0.93 <= np.mean(hits) <= 0.97
+
+
+def test_cluster_bootstrap_covers_a_known_rate_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    p, prompts, objects = 0.7, 200, 2
+    hits = []
+    for _ in range(200):
+        correct = rng.binomial(objects, p, size=(1, prompts))
+        iv = cluster_bootstrap(correct, np.full_like(correct, objects), resamples=500)
+        hits.append(iv.lo <= p <= iv.hi)
+    assert 0.90 <= np.mean(hits) <= 0.99
+    data = rng.binomial(objects, p, size=(3, prompts))
+    assert cluster_bootstrap(data, np.full_like(data, 2)) == cluster_bootstrap(data, np.full_like(data, 2))
+
+
+def test_cluster_bootstrap_resamples_prompts_and_seeds_not_objects():
+    rng = np.random.default_rng(2)
+    # Four objects per prompt, all right or all wrong together: 400 objects but only 100 independent units.
+    whole = 4 * rng.binomial(1, 0.5, size=(1, 100))
+    clustered = cluster_bootstrap(whole, np.full_like(whole, 4))
+    binomial = wilson(int(whole.sum()), 400)
+    assert (clustered.hi - clustered.lo) > 1.6 * (binomial.hi - binomial.lo)  # ~2x = sqrt(4 objects per unit)
+    # Seeds that disagree widen the interval; identical seeds do not.
+    same = np.repeat(rng.binomial(2, 0.6, size=(1, 200)), 3, axis=0)
+    apart = same.copy()
+    apart[0], apart[2] = np.minimum(same[0] + 1, 2), np.maximum(same[2] - 1, 0)
+    width = lambda c: (lambda iv: iv.hi - iv.lo)(cluster_bootstrap(c, np.full_like(c, 2)))
+    assert width(apart) > 1.5 * width(same)
+
+
+def test_cluster_bootstrap_pools_objects_not_prompt_means():
+    # prompt 0: 1 of 1 right; prompt 1: 0 of 3 right -> 1/4 of the objects, not the mean of 1 and 0
+    iv = cluster_bootstrap(np.array([[1, 0]]), np.array([[1, 3]]))
+    assert iv.value == 0.25 and 0.0 <= iv.lo <= iv.value <= iv.hi <= 1.0
+    with pytest.raises(ValueError):
+        cluster_bootstrap(np.zeros((2, 3)), np.ones((3, 2)))
+
+
+def test_separated_only_when_intervals_do_not_overlap():
+    a, b, c = Interval(0.5, 0.4, 0.6, "x"), Interval(0.7, 0.61, 0.8, "x"), Interval(0.65, 0.55, 0.75, "x")
+    assert separated(a, b) and separated(b, a)
+    assert not separated(a, c) and not separated(c, b)
