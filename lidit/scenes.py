@@ -2,9 +2,10 @@
 
 No captioned compositional data set is available offline, and the paper's claims (attribute binding,
 position bias along the prompt) need ground truth per object. A scene is 1-4 coloured shapes on a
-dark grey background; object k of n sits in column k of n equal columns, in the order the caption
-names them. Because of that, a rendered (or generated) image can be read back column by column and
-scored per object, per prompt and per relative position in the prompt (the paper's Fig. 3).
+dark grey background (the long scenes of the positional-bias figure: up to 6, on a wider canvas);
+object k of n sits in column k of n equal columns, in the order the caption names them. Because of
+that, a rendered (or generated) image can be read back column by column and scored per object, per
+prompt and per relative position in the prompt (the paper's Fig. 3).
 
 Three things keep training and evaluation honest:
 
@@ -42,7 +43,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND: tuple[int, int, int] = (48, 48, 48)
-MAX_OBJECTS = 4
+MAX_OBJECTS = 4  # the default scenes (the demo's training data and the benchmark's main sets): 1..4 objects
+# The long scenes of the positional-bias figure: up to 6 objects on a canvas LONG_CANVAS times the
+# model's, so 6 columns are exactly as wide as 4 columns of the default canvas (16 px at 64 px).
+LONG_MAX_OBJECTS = 6
+LONG_CANVAS = LONG_MAX_OBJECTS / MAX_OBJECTS
 EVAL_FRACTION = 0.2
 _SPLIT_SALT = "lidit-scenes-v1"
 POSITION_BUCKETS: tuple[str, ...] = ("0-25%", "25-50%", "50-75%", "75-100%")
@@ -71,8 +76,8 @@ class Scene:
     objects: tuple[SceneObject, ...]
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.objects) <= MAX_OBJECTS:
-            raise ValueError(f"a scene has 1..{MAX_OBJECTS} objects, got {len(self.objects)}")
+        if not 1 <= len(self.objects) <= LONG_MAX_OBJECTS:
+            raise ValueError(f"a scene has 1..{LONG_MAX_OBJECTS} objects, got {len(self.objects)}")
 
     @classmethod
     def of(cls, *pairs: tuple[str, str]) -> "Scene":
@@ -141,7 +146,7 @@ def _seq(p: Sequence[str], sep: str, single: str) -> str:
 def _ordinals(p: Sequence[str]) -> str:
     if len(p) == 1:
         return f"only {p[0]}"
-    words = ["first", "second", "third", "fourth"][: len(p) - 1] + ["last"]
+    words = ["first", "second", "third", "fourth", "fifth"][: len(p) - 1] + ["last"]
     return ", ".join(f"{w} {x}" for w, x in zip(words, p))
 
 
@@ -528,6 +533,30 @@ def eval_set(
         style = styles[(i // len(counts)) % len(styles)]
         out.append(Example(scene, caption(scene, style), style))
     return out
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A named evaluation set: its caption styles and object counts (drawn at the model's resolution)."""
+
+    styles: tuple[str, ...]
+    n_objects: tuple[int, ...] = tuple(range(1, MAX_OBJECTS + 1))
+
+    def examples(self, seed: int, count: int) -> list[Example]:
+        return eval_set(seed, count, self.styles, self.n_objects)
+
+
+PROMPT_SETS: dict[str, PromptSet] = {
+    "plain": PromptSet(("plain",)),
+    "paraphrase": PromptSet(HELDOUT_STYLES),
+    # Only for models trained on long scenes (``long_training``), whose resolution is the long canvas.
+    "long": PromptSet(("plain",), (LONG_MAX_OBJECTS,)),
+}
+
+
+def long_training(resolution: int) -> dict[str, Any]:
+    """Data overrides that train a model for the "long" set: 1..6 objects on the long canvas."""
+    return {"n_objects": list(range(1, LONG_MAX_OBJECTS + 1)), "resolution": round(resolution * LONG_CANVAS)}
 
 
 def train_pool(

@@ -131,3 +131,26 @@ def test_render_layout_and_background():
         assert (np.abs(col[:, 0] - S.BACKGROUND).max() < 40) and (np.abs(col[:, -1] - S.BACKGROUND).max() < 40)
     big = S.render(scene, size=128)
     assert S.read_scene(big, 4) == scene.pairs()
+
+
+def test_long_scenes_read_back_on_their_canvas():
+    rng = np.random.default_rng(6)
+    size = S.long_training(64)["resolution"]
+    assert size == 96 and size / S.LONG_MAX_OBJECTS == 64 / S.MAX_OBJECTS  # 6 columns as wide as the demo's 4
+    scenes = [S.sample_scene(rng, n, split=None) for n in (5, 6) for _ in range(150)]
+    result = S.score([S.render(s, rng, size) for s in scenes], scenes)
+    assert result.object_accuracy >= 0.995, result.summary()
+    assert all(v >= 0.99 for v in result.by_position().values())
+
+
+def test_prompt_sets_keep_the_default_scenes_and_add_six_objects():
+    # The demo was trained and benchmarked on these: the plain and paraphrase sets must not move.
+    assert S.PROMPT_SETS["plain"].examples(1234, 40) == S.eval_set(1234, 40)
+    assert S.PROMPT_SETS["paraphrase"].examples(1234, 40) == S.eval_set(1234, 40, styles=S.HELDOUT_STYLES)
+    rng = np.random.default_rng(0)
+    assert max(S.sample_scene(rng, split=None).n for _ in range(200)) == S.MAX_OBJECTS
+    long = S.PROMPT_SETS["long"].examples(1234, 40)
+    assert {ex.scene.n for ex in long} == {6} and all(S.is_eval_combo(ex.scene) for ex in long)
+    assert S.caption(long[0].scene, "ordinals").startswith("first ") and " fifth " in S.caption(long[0].scene, "ordinals")
+    with pytest.raises(ValueError):
+        S.Scene(long[0].scene.objects * 2)  # 12 objects: beyond any canvas made for them
