@@ -16,8 +16,12 @@ One run, in order:
    CPUs with AVX512-BF16 or AMX).
 4. Every `checkpoint_every` steps and at the end: `model.safetensors` (the EMA weights in the
    lidit checkpoint format, with the command, the training config and stats in its metadata) and
-   `resume/` (raw weights, EMA, optimiser state, step, RNG and data position: safetensors + JSON,
-   nothing pickled). `--resume` continues the same step count, optimiser state and data order.
+   `resume/` (raw weights, EMA and optimiser state through torch.distributed.checkpoint as one
+   safetensors file per rank, optionally saved in the background; step, RNG and data position in
+   JSON; nothing pickled). `--resume` continues the same step count, optimiser state and data order,
+   or on another number of processes the same weights and optimiser state.
+5. With `tensorboard`, `sample_every`, `benchmark_every`: TensorBoard scalars, sample grids and the
+   prompt-following benchmark, drawn with the EMA weights (`watch.py`).
 """
 from __future__ import annotations
 
