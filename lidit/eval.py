@@ -2,9 +2,11 @@
 
 `python -m lidit.eval run` draws images for seeded prompts whose object combinations training
 never saw, reads every object back with the programmatic checker and reports accuracy per object,
-per prompt, by the object's relative position in the prompt, and on held-out paraphrases.
-`python -m lidit.eval report` turns several runs (the demo and its ablations) into a Markdown
-table and a bar chart of accuracy by position.
+per prompt, by the object's relative position in the prompt, and on held-out paraphrases; its JSON
+keeps every object's result, because the intervals resample whole prompts. `python -m lidit.eval
+report` turns runs (several seeds of several variants) into a Markdown table and a bar chart of
+accuracy by position, every figure with its 95% interval (`lidit.stats`). `python -m lidit.bench`
+runs the whole study.
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from . import scenes
@@ -23,25 +28,39 @@ from .instruction import PromptTemplate
 from .llm import LLM, encode, load_llm
 from .model import LIDiTModel
 from .precision import DTYPE_CHOICES, parse_dtype
+from .stats import Interval, cluster_bootstrap, separated
 from .text import TextStates
 
 
-def encode_prompts(llms: list[LLM], model: LIDiTModel, prompts: list[str]) -> list[TextStates]:
+def encode_prompts(llms: list[LLM], model: LIDiTModel, prompts: list[str],
+                   memo: dict | None = None) -> list[TextStates]:
+    """Each branch's LLM states of `prompts`. A `memo` (one per set of loaded LLMs) keeps them for the
+    next model that reads the same LLM layer with the same template: the benchmark scores dozens of
+    models on one prompt set, and re-encoding it would cost about as much as sampling."""
     text = model.config.text
     template = PromptTemplate.of(text)
-    return [encode(llm, prompts, template, text.max_tokens, branch.layer) for llm, branch in zip(llms, text.branches)]
+    out = []
+    for llm, branch in zip(llms, text.branches):
+        key = (llm.name, branch.layer, template, text.max_tokens, tuple(prompts))
+        states = memo.get(key) if memo is not None else None
+        if states is None:
+            states = encode(llm, prompts, template, text.max_tokens, branch.layer)
+            if memo is not None:
+                memo[key] = states
+        out.append(states)
+    return out
 
 
 def draw(model: LIDiTModel, llms: list[LLM], prompts: list[str], seed: int, steps: int | None = None,
-         cfg: float | None = None, batch: int = 50) -> list[torch.Tensor]:
+         cfg: float | None = None, batch: int = 50, memo: dict | None = None) -> list[torch.Tensor]:
     """Images in [0, 1] (3, H, W); prompt i always gets the noise of seed + i, whatever the batching."""
     config = model.config
     size = config.resolution
-    null = encode_prompts(llms, model, [""])
+    null = encode_prompts(llms, model, [""], memo)
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        cond = encode_prompts(llms, model, chunk)
+        cond = encode_prompts(llms, model, chunk, memo)
         uncond = [TextStates.cat([u] * len(chunk)) for u in null]
         noise_seeds = range(seed + start, seed + start + len(chunk))
         x = torch.cat([torch.randn(1, config.dit.in_channels, size, size, generator=torch.Generator().manual_seed(s))
@@ -51,25 +70,37 @@ def draw(model: LIDiTModel, llms: list[LLM], prompts: list[str], seed: int, step
     return images
 
 
+def score_model(model: LIDiTModel, llms: list[LLM], sets: list[str], count: int, seed: int = 1234,
+                steps: int | None = None, cfg: float | None = None, samples: Path | None = None,
+                memo: dict | None = None) -> dict:
+    """Per prompt set: the summary, plus every object's 0/1 per prompt, which the intervals resample."""
+    results: dict = {}
+    for name in sets:
+        examples = scenes.PROMPT_SETS[name].examples(seed, count)
+        images = draw(model, llms, [e.prompt for e in examples], seed, steps, cfg, memo=memo)
+        result = scenes.score(images, [e.scene for e in examples])
+        results[name] = {**result.summary(), "object_correct": [[int(v) for v in row] for row in result.object_correct]}
+        if samples and name == sets[0]:
+            save_grid(images[:16], [e.prompt for e in examples[:16]], samples)
+    return results
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     dtype = parse_dtype(args.dtype)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
     llms = [load_llm(folder, layer=b.layer, dtype=dtype) for folder, b in zip(args.llm, model.config.text.branches)]
-    results: dict = {"label": args.label or Path(args.checkpoint).stem, "checkpoint": str(args.checkpoint),
-                     "dtype": str(dtype).removeprefix("torch.")}
     started = time.time()
-    for name, styles in (("plain", ("plain",)), ("paraphrase", scenes.HELDOUT_STYLES)):
-        examples = scenes.eval_set(args.seed, args.count, styles=styles)
-        images = draw(model, llms, [e.prompt for e in examples], args.seed, args.steps, args.cfg)
-        results[name] = scenes.score(images, [e.scene for e in examples]).summary()
-        if args.samples and name == "plain":
-            save_grid(images[:16], [e.prompt for e in examples[:16]], Path(args.samples))
+    results = {"label": args.label or Path(args.checkpoint).stem, "checkpoint": str(args.checkpoint),
+               "dtype": str(dtype).removeprefix("torch."), "count": args.count, "seed": args.seed,
+               **score_model(model, llms, args.sets.split(","), args.count, args.seed, args.steps, args.cfg,
+                             Path(args.samples) if args.samples else None)}
     results["seconds"] = round(time.time() - started, 1)
-    print(json.dumps(results, indent=2))
+    print(json.dumps({k: {m: x for m, x in v.items() if m != "object_correct"} if k in scenes.PROMPT_SETS else v
+                      for k, v in results.items()}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps(results))
     return results
 
 
@@ -84,52 +115,180 @@ def save_grid(images: list[torch.Tensor], prompts: list[str], path: Path) -> Non
     path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------
+# from runs to figures with intervals
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One figure: which objects of which prompt set count; `whole_prompt`: a prompt is one unit,
+    right only when all its objects are."""
+
+    prompt_set: str
+    select: Callable[[int, int], bool]  # (objects in the prompt, 0-based index) -> counted?
+    whole_prompt: bool = False
+
+
+def _quarter(prompt_set: str, bucket: int) -> Metric:
+    return Metric(prompt_set, lambda n, k: n >= 2 and scenes.position_bucket(k, n) == bucket)
+
+
+#: every figure of the table and the chart. Position quarters skip 1-object prompts, whose single
+#: object would otherwise fill the last quarter with the easiest case.
+METRICS: dict[str, Metric] = {
+    "objects 1-2": Metric("plain", lambda n, k: n <= 2),
+    "objects 4": Metric("plain", lambda n, k: n == 4),
+    "prompts": Metric("plain", lambda n, k: True, whole_prompt=True),
+    "first": Metric("plain", lambda n, k: n >= 2 and k == 0),
+    "last": Metric("plain", lambda n, k: n >= 2 and k == n - 1),
+    "paraphrases": Metric("paraphrase", lambda n, k: True),
+    **{f"position {b}": _quarter("plain", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
+    "6 obj": Metric("long", lambda n, k: True),
+    "6 obj first": Metric("long", lambda n, k: k == 0),
+    "6 obj last": Metric("long", lambda n, k: k == n - 1),
+    **{f"6 obj position {b}": _quarter("long", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
+}
+#: the positional bias as one number: first minus last object on the same prompts, resampled together
+GAPS: dict[str, tuple[str, str]] = {"first - last": ("first", "last"), "6 obj first - last": ("6 obj first", "6 obj last")}
+TABLE = {"objects 1-2": "objects (1-2 obj)", "objects 4": "objects (4 obj)", "prompts": "prompts",
+         "first": "first object", "last": "last object", "first - last": "first - last",
+         "paraphrases": "paraphrases (objects)", "6 obj first": "6 obj: first object",
+         "6 obj last": "6 obj: last object", "6 obj first - last": "6 obj: first - last"}
+
+
+def prompt_counts(rows: list[list[int]], metric: Metric) -> tuple[list[int], list[int]]:
+    """Per prompt: (right, counted) objects of the metric's kind."""
+    right, counted = [], []
+    for row in rows:
+        keep = [v for k, v in enumerate(row) if metric.select(len(row), k)]
+        right.append(int(bool(keep) and all(keep)) if metric.whole_prompt else sum(keep))
+        counted.append(int(bool(keep)) if metric.whole_prompt else len(keep))
+    return right, counted
+
+
+def metric_counts(runs: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per metric, (seeds, prompts) arrays of right and counted objects over the runs that scored
+    its prompt set. The runs must share the prompts (same eval seed and count): seeds and prompts
+    are crossed."""
+    counts = {}
+    for name, metric in METRICS.items():
+        rows = [r[metric.prompt_set]["object_correct"] for r in runs if metric.prompt_set in r]
+        if not rows:
+            continue
+        if len({len(x) for x in rows}) != 1:
+            raise ValueError(f"runs scored {sorted({len(x) for x in rows})} prompts of set {metric.prompt_set!r}: "
+                             "pool only runs scored on the same prompts")
+        right, counted = (np.array(a) for a in zip(*(prompt_counts(x, metric) for x in rows)))
+        if counted.sum():
+            counts[name] = right, counted
+    return counts
+
+
+def run_values(result: dict) -> dict[str, float]:
+    """Every metric's value in one run (one seed): the per-seed numbers behind a pooled interval."""
+    ratios = {name: right.sum() / counted.sum() for name, (right, counted) in metric_counts([result]).items()}
+    return {**ratios, **{name: ratios[a] - ratios[b] for name, (a, b) in GAPS.items() if a in ratios and b in ratios}}
+
+
+def variant_metrics(runs: list[dict]) -> dict[str, Interval]:
+    """Every metric and gap over the runs (training seeds) of one variant, with its 95% interval."""
+    counts = metric_counts(runs)
+    out = {name: cluster_bootstrap(*pair) for name, pair in counts.items()}
+    out.update({name: cluster_bootstrap(*counts[a], minus=counts[b])
+                for name, (a, b) in GAPS.items() if a in counts and b in counts})
+    return out
+
+
 def pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.1f}%"
 
 
+def cell(interval: Interval | None) -> str:
+    return "-" if interval is None else f"{pct(interval.value)} [{100 * interval.lo:.1f}, {100 * interval.hi:.1f}]"
+
+
+def markdown_table(variants: dict[str, dict[str, Interval]], seeds: dict[str, int]) -> str:
+    """One row per variant; every cell 'value [95% interval]'. Long-set columns only when scored."""
+    columns = [m for m in TABLE if any(m in v for v in variants.values())]
+    rows = ["| variant | seeds | " + " | ".join(TABLE[m] for m in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
+    for label, metrics in variants.items():
+        rows.append(f"| {label} | {seeds[label]} | " + " | ".join(cell(metrics.get(m)) for m in columns) + " |")
+    return "\n".join(rows)
+
+
+def differences(variants: dict[str, dict[str, Interval]], reference: str) -> list[str]:
+    """The metrics where a variant's interval separates from the reference's: the only differences
+    the benchmark reports."""
+    ref = variants.get(reference, {})
+    out = []
+    for label, metrics in variants.items():
+        for name, interval in metrics.items():
+            if label != reference and name in ref and separated(interval, ref[name]):
+                word = "above" if interval.value > ref[name].value else "below"
+                out.append(f"{label}: {name} {cell(interval)} is {word} {reference}'s {cell(ref[name])}")
+    return out
+
+
 def report(args: argparse.Namespace) -> None:
-    runs = [json.loads(Path(f).read_text()) for f in args.results]
-    rows = ["| variant | objects (1-2 obj) | objects (4 obj) | prompts | first vs last object | paraphrases (objects) |",
-            "|---|---|---|---|---|---|"]
-    for r in runs:
-        plain, by_n = r["plain"], r["plain"]["by_n"]
-        one_two = (by_n.get("1", 0) + 2 * by_n.get("2", 0)) / 3  # object-weighted over 1- and 2-object prompts
-        rows.append(f"| {r['label']} | {pct(one_two)} | {pct(by_n.get('4', float('nan')))} | {pct(plain['prompt_accuracy'])} "
-                    f"| {pct(plain['first_object'])} vs {pct(plain['last_object'])} | {pct(r['paraphrase']['object_accuracy'])} |")
-    table = "\n".join(rows)
+    """Runs with the same label are the seeds of one variant."""
+    grouped: dict[str, list[dict]] = {}
+    for f in args.results:
+        run = json.loads(Path(f).read_text())
+        grouped.setdefault(run["label"], []).append(run)
+    variants = {label: variant_metrics(runs) for label, runs in grouped.items()}
+    table = markdown_table(variants, {label: len(runs) for label, runs in grouped.items()})
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.chart:
-        bar_chart(runs, Path(args.chart))
+        bar_chart(variants, Path(args.chart))
 
 
-def bar_chart(runs: list[dict], path: Path) -> None:
-    """Accuracy by relative position in the prompt (quarters), one bar per variant."""
+_COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193),
+            (255, 112, 67), (120, 144, 156)]
+
+
+def bar_chart(variants: dict[str, dict[str, Interval]], path: Path) -> None:
+    """Accuracy by relative position in the prompt (quarters), one bar per variant with its 95%
+    interval as an error bar; a second panel for the 6-object prompts when any variant has them."""
     from PIL import Image, ImageDraw
-    colours = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188)]
-    width, height, left, bottom, top = 720, 360, 50, 60, 20
-    img = Image.new("RGB", (width, height), "white")
+    panels = [(prefix, title) for prefix, title in (
+        ("position", "Objects right by relative position in the prompt, 95% intervals: prompts of 2-4 objects"),
+        ("6 obj position", "The same on 6-object prompts (models trained on 1-6 objects, 1.5x canvas)"))
+              if any(f"{prefix} {scenes.POSITION_BUCKETS[0]}" in v for v in variants.values())]
+    width, panel_h, left, top, legend_h = 900, 300, 50, 24, 22 * -(-len(variants) // 4) + 10
+    img = Image.new("RGB", (width, panel_h * len(panels) + legend_h), "white")
     d = ImageDraw.Draw(img)
-    plot_h = height - bottom - top
-    for tick in range(0, 101, 20):
-        y = top + plot_h * (1 - tick / 100)
-        d.line([(left, y), (width - 10, y)], fill=(225, 225, 225))
-        d.text((8, y - 6), f"{tick}%", fill="black")
     group_w = (width - left - 10) / len(scenes.POSITION_BUCKETS)
-    bar_w = group_w * 0.8 / len(runs)
-    for g, bucket in enumerate(scenes.POSITION_BUCKETS):
-        x0 = left + g * group_w + group_w * 0.1
-        for i, r in enumerate(runs):
-            acc = r["plain"]["by_position"][bucket]
-            x = x0 + i * bar_w
-            d.rectangle([x, top + plot_h * (1 - acc), x + bar_w - 2, top + plot_h], fill=colours[i % len(colours)])
-        d.text((x0 + group_w * 0.3, height - bottom + 6), bucket, fill="black")
-    for i, r in enumerate(runs):
-        x = left + i * 130
-        d.rectangle([x, height - 22, x + 10, height - 12], fill=colours[i % len(colours)])
-        d.text((x + 14, height - 24), r["label"][:18], fill="black")
+    bar_w = group_w * 0.8 / max(1, len(variants))
+    for p, (prefix, title) in enumerate(panels):
+        y_top, plot_h = p * panel_h + top, panel_h - top - 30
+
+        def level(v: float) -> float:
+            return y_top + plot_h * (1 - v)
+
+        d.text((left, y_top - 18), title, fill="black")
+        for tick in range(0, 101, 20):
+            d.line([(left, level(tick / 100)), (width - 10, level(tick / 100))], fill=(225, 225, 225))
+            d.text((8, level(tick / 100) - 6), f"{tick}%", fill="black")
+
+        for g, bucket in enumerate(scenes.POSITION_BUCKETS):
+            x0 = left + g * group_w + group_w * 0.1
+            for i, metrics in enumerate(variants.values()):
+                iv = metrics.get(f"{prefix} {bucket}")
+                if iv is None:
+                    continue
+                x = x0 + i * bar_w
+                d.rectangle([x, level(iv.value), x + bar_w - 2, level(0)], fill=_COLOURS[i % len(_COLOURS)])
+                mid = x + (bar_w - 2) / 2
+                d.line([(mid, level(iv.lo)), (mid, level(iv.hi))], fill="black", width=2)
+                for v in (iv.lo, iv.hi):
+                    d.line([(mid - 3, level(v)), (mid + 3, level(v))], fill="black")
+            d.text((x0 + group_w * 0.3, y_top + plot_h + 6), bucket, fill="black")
+    for i, label in enumerate(variants):
+        x, y = left + (i % 4) * 210, panel_h * len(panels) + 6 + 22 * (i // 4)
+        d.rectangle([x, y, x + 10, y + 10], fill=_COLOURS[i % len(_COLOURS)])
+        d.text((x + 14, y - 1), label[:34], fill="black")
     img.save(path)
 
 
@@ -139,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("run", help="score one checkpoint on unseen prompts")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--llm", action="append", required=True, help="HF folder per branch, in the checkpoint's order")
-    p.add_argument("--count", type=int, default=200, help="prompts per set (plain, paraphrase)")
+    p.add_argument("--count", type=int, default=400, help="prompts per set")
+    p.add_argument("--sets", default="plain,paraphrase",
+                   help=f"comma-separated prompt sets of {sorted(scenes.PROMPT_SETS)}")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float)
@@ -149,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="compute dtype of the LLMs and the model; auto: bf16 where the CPU has it natively, else fp32")
     p.set_defaults(run=run)
-    p = sub.add_parser("report", help="table + chart from several result JSONs")
+    p = sub.add_parser("report", help="table + chart with 95%% intervals from result JSONs "
+                       "(runs with one label are the seeds of one variant)")
     p.add_argument("results", nargs="+")
     p.add_argument("--markdown")
     p.add_argument("--chart")

@@ -54,30 +54,43 @@ def wilson(correct: int, total: int, z: float = Z95) -> Interval:
 
 
 def cluster_bootstrap(correct: np.ndarray, total: np.ndarray, resamples: int = RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> Interval:
+                      seed: int = BOOTSTRAP_SEED, level: float = 0.95,
+                      minus: tuple[np.ndarray, np.ndarray] | None = None) -> Interval:
     """Interval of sum(correct) / sum(total) resampling seeds (rows) and prompts (columns).
 
     `correct` and `total` are (seeds, prompts) counts, e.g. right objects and objects of the
     selected kind in each prompt's image; a prompt with total 0 simply contributes nothing.
     Each resample weights cell (s, p) by (times seed s was drawn) x (times prompt p was drawn).
+    `minus`: another (correct, total) pair on the same seeds and prompts; the interval is then of
+    the difference of the two ratios, both taken from the same resamples. That is the paired
+    comparison for two kinds of object in the same images (the first and the last object), much
+    tighter than comparing two separate intervals.
     """
-    correct, total = np.asarray(correct, np.float64), np.asarray(total, np.float64)
-    if correct.ndim != 2 or correct.shape != total.shape:
-        raise ValueError(f"expected two (seeds, prompts) arrays of one shape, got {correct.shape} and {total.shape}")
-    n_seeds, n_prompts = correct.shape
-    value = correct.sum() / total.sum() if total.sum() else float("nan")
+    pairs = [(correct, total)] + ([minus] if minus is not None else [])
+    pairs = [(np.asarray(c, np.float64), np.asarray(t, np.float64)) for c, t in pairs]
+    shape = pairs[0][0].shape
+    if len(shape) != 2 or any(a.shape != shape for pair in pairs for a in pair):
+        raise ValueError(f"expected (seeds, prompts) arrays of one shape, got {[a.shape for p in pairs for a in p]}")
+    n_seeds, n_prompts = shape
     method = f"cluster bootstrap, {n_seeds} seed(s) x {n_prompts} prompts, {resamples} resamples"
-    if value != value:
-        return Interval(value, value, value, method)
-    rng = np.random.default_rng(seed)
-    seed_w = _multiplicities(rng, resamples, n_seeds)
-    prompt_w = _multiplicities(rng, resamples, n_prompts)
-    num = np.einsum("rs,sp,rp->r", seed_w, correct, prompt_w)
-    den = np.einsum("rs,sp,rp->r", seed_w, total, prompt_w)
-    ratios = num[den > 0] / den[den > 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = _signed([c.sum() / t.sum() for c, t in pairs])
+        if value != value:
+            return Interval(value, value, value, method)
+        rng = np.random.default_rng(seed)
+        seed_w = _multiplicities(rng, resamples, n_seeds)
+        prompt_w = _multiplicities(rng, resamples, n_prompts)
+        stats = _signed([np.einsum("rs,sp,rp->r", seed_w, c, prompt_w) / np.einsum("rs,sp,rp->r", seed_w, t, prompt_w)
+                         for c, t in pairs])
+    stats = stats[np.isfinite(stats)]  # a resample that drew no object of the kind
     tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    lo, hi = np.percentile(stats, [tail, 100 - tail])
     return Interval(float(value), float(lo), float(hi), method)
+
+
+def _signed(ratios: list):
+    """The ratio, or the first minus the second."""
+    return ratios[0] - ratios[1] if len(ratios) == 2 else ratios[0]
 
 
 def _multiplicities(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray:

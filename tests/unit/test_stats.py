@@ -63,3 +63,14 @@ def test_separated_only_when_intervals_do_not_overlap():
     a, b, c = Interval(0.5, 0.4, 0.6, "x"), Interval(0.7, 0.61, 0.8, "x"), Interval(0.65, 0.55, 0.75, "x")
     assert separated(a, b) and separated(b, a)
     assert not separated(a, c) and not separated(c, b)
+
+
+def test_paired_difference_sees_what_two_overlapping_intervals_cannot():
+    rng = np.random.default_rng(3)
+    first = rng.binomial(1, 0.6, size=(1, 300))
+    last = first * (rng.random((1, 300)) > 0.12)  # the same images, the last object lost in ~12% of them
+    ones = np.ones_like(first)
+    a, b = cluster_bootstrap(first, ones), cluster_bootstrap(last, ones)
+    gap = cluster_bootstrap(first, ones, minus=(last, ones))
+    assert not separated(a, b)  # apart, the two intervals overlap ...
+    assert gap.value == pytest.approx(a.value - b.value) and 0 < gap.lo <= gap.value <= gap.hi  # ... paired, no
