@@ -175,5 +175,8 @@ class TextPathway(nn.Module):
         for i, block in enumerate(self.collab):
             xs = block(xs, branches, list(cs), i, attend)
         lengths = [sum(row) for row in zip(*(b.prompt_lengths for b in branches))]
-        tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1), max(lengths))
+        # at least one (masked) token: a batch of empty prompts still reaches every refiner weight, so
+        # DDP sees them all used (a zero-length context would leave them out of the graph)
+        tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1),
+                                 max(1, *lengths))
         return TextContext(tokens, mask, lengths)

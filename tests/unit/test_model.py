@@ -182,6 +182,14 @@ def test_empty_prompt_gives_finite_output(tiny_llms):
     assert torch.isfinite(out).all()
 
 
+def test_a_batch_of_empty_prompts_reaches_every_weight(tiny_llms):
+    """Caption dropout can empty a whole micro-batch: every weight must stay in the graph, or DDP's
+    reducer waits for gradients one rank never makes (a collective mismatch under torchrun)."""
+    model = LIDiTModel(tiny(instruction="Draw:")).init_weights()
+    model(torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7]), encode_all(tiny_llms, ["", ""])).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("size", [(16, 16), (8, 24), (12, 10)])
 def test_dit_output_shape_follows_any_size(size):
     model = LIDiTModel(preset("tiny")).init_weights()
