@@ -188,29 +188,46 @@ class ShardSet:
         return [it.caption for s in range(len(self)) for it in self.items(s)]
 
 
-def reader_plan(shards: ShardSet, seed: int, reader: int, readers: int, micro: int,
-                start_epoch: int = 0) -> Iterator[tuple[int, int, list[Item]]]:
-    """(epoch, shard, items) of every micro-batch of one reader, forever; see the module docstring."""
-    epoch = start_epoch
+def reader_plan(shards: ShardSet, seed: int, reader: int, readers: int,
+                micro: int) -> Iterator[tuple[int, list[tuple[int, Item]]]]:
+    """(epoch, [(shard, item), ...]) of every micro-batch of one reader, forever; see the module
+    docstring. A batch may hold items of an earlier shard that waited for their bucket to fill."""
+    epoch = 0
     while True:
         order = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A4D])).permutation(len(shards))
-        waiting: dict[int, list[Item]] = {}
+        waiting: dict[int, list[tuple[int, Item]]] = {}
         for shard in order[reader::readers].tolist():
             items = shards.items(shard)
             perm = np.random.default_rng(np.random.SeedSequence([seed, epoch, shard, 0x17E])).permutation(len(items))
             for j in perm.tolist():
                 it = items[j]
                 group = waiting.setdefault(it.bucket, [])
-                group.append(it)
+                group.append((shard, it))
                 if len(group) == micro:
-                    yield epoch, shard, group
+                    yield epoch, group
                     waiting[it.bucket] = []
         epoch += 1
 
 
-def _read(file, member: tuple[int, int]) -> bytes:
-    file.seek(member[0])
-    return file.read(member[1])
+class _OpenShards:
+    """A reader's open tar files: the few most recently used stay open."""
+
+    def __init__(self, shards: ShardSet, keep: int = 4) -> None:
+        self.shards, self.keep = shards, keep
+        self.files: dict[int, Any] = {}
+
+    def read(self, shard: int, member: tuple[int, int]) -> bytes:
+        f = self.files.pop(shard, None) or open(self.shards.root / f"{self.shards.names[shard]}.tar", "rb")
+        self.files[shard] = f  # most recent last
+        if len(self.files) > self.keep:
+            self.files.pop(next(iter(self.files))).close()
+        f.seek(member[0])
+        return f.read(member[1])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
 
 class _Readers(torch.utils.data.IterableDataset):
@@ -261,27 +278,24 @@ class ShardStream:
         position = n // self.readers
         for _ in range(position):  # re-plan up to the resume point: item lists only, no image is read
             next(plan)
-        files: dict[int, Any] = {}
+        files = _OpenShards(self.shards)
         try:
-            for epoch, shard, items in plan:
-                if shard not in files:
-                    files[shard] = open(self.shards.root / f"{self.shards.names[shard]}.tar", "rb")
-                yield self._load(files[shard], epoch, shard, reader, position, items)
+            for epoch, items in plan:
+                yield self._load(files, reader, position, items)
                 position += 1
         finally:
-            for f in files.values():
-                f.close()
+            files.close()
 
-    def _load(self, file, epoch: int, shard: int, reader: int, position: int, items: list[Item]) -> tuple:
-        captions = [it.caption for it in items]
-        name = self.shards.names[shard]
-        features = [f.entries(name, [it.key for it in items]) for f in self.features]
+    def _load(self, files: "_OpenShards", reader: int, position: int, items: list[tuple[int, Item]]) -> tuple:
+        captions = [it.caption for _, it in items]
+        features = [self._entries(f, items) for f in self.features]
         if not self.shards.latent:
             from PIL import Image
 
-            pixels = [np.asarray(Image.open(io.BytesIO(_read(file, it.members["png"]))).convert("RGB")) for it in items]
+            pixels = [np.asarray(Image.open(io.BytesIO(files.read(s, it.members["png"]))).convert("RGB"))
+                      for s, it in items]
             return to_model_pixels(np.stack(pixels)), captions, features
-        stats = [load_bytes(_read(file, it.members["latent"])) for it in items]
+        stats = [load_bytes(files.read(s, it.members["latent"])) for s, it in items]
         mean = torch.stack([s["mean"] for s in stats]).float()
         std = torch.stack([s["std"] for s in stats]).float()
         # a fresh latent sample per step, the same one for a given (seed, reader, batch)
@@ -289,12 +303,29 @@ class ShardStream:
         scale, shift = self.latent_scale
         return (mean + std * torch.randn(mean.shape, generator=gen) - shift) * scale, captions, features
 
+    def _entries(self, features: ShardFeatures, items: list[tuple[int, Item]]) -> list[Entry]:
+        """The batch's memory-mapped states, one file opening per shard the batch touches."""
+        by_shard: dict[int, list[int]] = {}
+        for i, (s, _) in enumerate(items):
+            by_shard.setdefault(s, []).append(i)
+        out: list[Entry] = [None] * len(items)  # type: ignore[list-item]
+        for s, rows in by_shard.items():
+            for i, entry in zip(rows, features.entries(self.shards.names[s], [items[i][1].key for i in rows])):
+                out[i] = entry
+        return out
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (not whenever the iterator is garbage-collected)."""
+        self._it = None
+
     def _iterator(self) -> Iterator:
         if self.workers == 0:
             return self.batches_from(self.consumed)
+        # a worker forked from a rank shares its process group's sockets: start workers afresh there
+        context = "forkserver" if torch.distributed.is_initialized() else None
         loader = torch.utils.data.DataLoader(_Readers(self, self.consumed), batch_size=None, num_workers=self.workers,
                                              prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
-                                             persistent_workers=False)
+                                             multiprocessing_context=context)
         return iter(loader)
 
     def next_batch(self, n: int | None = None) -> tuple[torch.Tensor, list[str], list[list[Entry]]]:

@@ -72,11 +72,11 @@ def test_readers_split_shards_and_batches_keep_one_bucket(shard_dir):
     shards = ShardSet(shard_dir)
     plans = [reader_plan(shards, 0, r, 4, 2) for r in range(4)]
     per_reader = [[next(p) for _ in range(3)] for p in plans]
-    used = [{shard for _, shard, _ in batches} for batches in per_reader]
+    used = [{shard for _, items in batches for shard, _ in items} for batches in per_reader]
     assert all(not (used[a] & used[b]) for a in range(4) for b in range(a + 1, 4))  # each reader its own shards
     for batches in per_reader:
-        for _, shard, items in batches:
-            assert len(items) == 2 and len({it.bucket for it in items}) == 1
+        for _, items in batches:
+            assert len(items) == 2 and len({it.bucket for _, it in items}) == 1
     with pytest.raises(ValueError, match="every reader needs at least one shard"):
         ShardStream(shard_dir, 2, 0, rank=0, world=3, workers=3)
 
@@ -196,12 +196,14 @@ DRIVER = """
 import sys
 import torch.distributed as dist
 from lidit.train import main
-dist.init_process_group("gloo")
-config, out = sys.argv[1], sys.argv[2]
-main(["--config", config, f"output_dir={out}/whole"])
-main(["--config", config, f"output_dir={out}/parts", "--stop-after", "2"])
-main(["--config", config, f"output_dir={out}/parts", "--resume"])
-dist.destroy_process_group()
+
+if __name__ == "__main__":  # DataLoader workers of a rank start afresh and import this file
+    dist.init_process_group("gloo")
+    config, out = sys.argv[1], sys.argv[2]
+    main(["--config", config, f"output_dir={out}/whole"])
+    main(["--config", config, f"output_dir={out}/parts", "--stop-after", "2"])
+    main(["--config", config, f"output_dir={out}/parts", "--resume"])
+    dist.destroy_process_group()
 """
 
 
