@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lidit.train as train_mod
+from lidit.checkpoint import load_checkpoint, read_metadata
 from lidit.config import preset
 from lidit.features import FeatureCache, ShardFeatures
 from lidit.instruction import PromptTemplate
@@ -193,22 +194,47 @@ def test_online_features_encode_each_batch(tiny_llm_dirs, tiny_llms, shard_dir, 
 
 
 DRIVER = """
+import json
 import sys
 import torch.distributed as dist
 from lidit.train import main
 
 if __name__ == "__main__":  # DataLoader workers of a rank start afresh and import this file
     dist.init_process_group("gloo")
-    config, out = sys.argv[1], sys.argv[2]
-    main(["--config", config, f"output_dir={out}/whole"])
-    main(["--config", config, f"output_dir={out}/parts", "--stop-after", "2"])
-    main(["--config", config, f"output_dir={out}/parts", "--resume"])
+    for args in json.loads(open(sys.argv[1]).read()):
+        main(args)
     dist.destroy_process_group()
 """
 
 
-def test_two_process_ddp_with_workers_resumes_mid_epoch_bit_for_bit(tiny_llm_dirs, shard_dir, tmp_path):
-    """2 ranks x 1 DataLoader worker; 2 steps + resume = 4 steps in one go (an epoch is 6 steps here)."""
+def torchrun(tmp_path: Path, runs: list[list[str]]) -> None:
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "driver.py"), str(tmp_path / "runs.json")]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+
+
+def tiny_vae(folder: Path) -> Path:
+    """A real diffusers AutoencoderKL folder, tiny, with SD3's latent constants."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(folder)
+    return folder
+
+
+def test_two_processes_with_workers_resume_mid_epoch_and_run_the_1b_config_at_tiny_size(tiny_llm_dirs, shard_dir,
+                                                                                         tmp_path):
+    """One torchrun launch, 2 ranks x 1 DataLoader worker: (1) DDP, 2 steps + resume = 4 steps in one go,
+    bit for bit (an epoch is 6 steps here); (2) configs/lidit-1b-shards.json as documented (FSDP2,
+    activation checkpointing, memory-mapped features) on latent shards converted with a diffusers VAE,
+    the model and LLMs shrunk by overrides."""
     import shutil
 
     data = tmp_path / "data"
@@ -216,14 +242,29 @@ def test_two_process_ddp_with_workers_resumes_mid_epoch_bit_for_bit(tiny_llm_dir
     cfg = config(tiny_llm_dirs, tmp_path, data, data={"source": f"shards:{data}", "workers": 1}, batch_size=4,
                  threads=1).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "driver.py"), str(tmp_path / "config.json"), str(tmp_path)]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    write_folder(tmp_path / "imgs", 16)
+    shards_main(["convert", str(tmp_path / "imgs"), str(tmp_path / "latents"), "--resolution", "64", "--step", "16",
+                 "--shard-size", "4", "--vae", str(tiny_vae(tmp_path / "vae"))])
+    llama, qwen = tiny_llm_dirs["tiny-llama"], tiny_llm_dirs["tiny-qwen2"]
+    names = ("Meta-Llama-3-8B-Instruct", "Qwen1.5-7B-Chat")
+    tiny_1b = {"dit": {"depth": 2, "hidden": 32, "heads": 2},
+               "text": {"width": 32, "heads": 2, "max_tokens": 32,
+                        "branches": [{"name": names[0], "hidden_size": 64}, {"name": names[1], "hidden_size": 48}]}}
+    big = ["--config", str(ROOT / "configs/lidit-1b-shards.json"), "--fsdp", f"output_dir={tmp_path / 'big'}",
+           f"data.source=shards:{tmp_path / 'latents'}", "data.workers=1", f"llms={json.dumps(dict(zip(names, (llama, qwen))))}",
+           f"model={json.dumps({'preset': 'lidit-1b', 'overrides': tiny_1b})}", "steps=2", "batch_size=4", "grad_accum=1",
+           "warmup_steps=0", "log_every=1", "threads=1", "mixed_precision=no", "progress=none", "device=cpu",
+           f"cache_dir={tmp_path / 'cache'}"]
+    torchrun(tmp_path, [["--config", str(tmp_path / "config.json"), f"output_dir={tmp_path / 'whole'}"],
+                        ["--config", str(tmp_path / "config.json"), f"output_dir={tmp_path / 'parts'}", "--stop-after", "2"],
+                        ["--config", str(tmp_path / "config.json"), f"output_dir={tmp_path / 'parts'}", "--resume"],
+                        big])
     a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "parts/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    model = load_checkpoint(tmp_path / "big/model.safetensors")
+    assert model.config.latent_format == "sd3" and model.config.dit.in_channels == 16
+    stats = json.loads(read_metadata(tmp_path / "big/model.safetensors")["training_stats"])
+    assert stats["world_size"] == 2 and stats["fsdp"] and stats["step"] == 2
+    assert [f["mode"] for f in stats["features"]] == ["memory-mapped"] * 2
