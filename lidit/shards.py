@@ -42,7 +42,15 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .data import BUCKET_RATIOS, load_vae, make_buckets, nearest_bucket, resize_cover_crop, scan_folder, to_model_pixels
+from .data import (
+    BUCKET_RATIOS,
+    load_vae,
+    make_buckets,
+    nearest_bucket,
+    resize_cover_crop,
+    scan_folder,
+    to_model_pixels,
+)
 from .features import Entry, ShardFeatures
 
 FORMAT = "lidit-shards-v1"
@@ -183,15 +191,20 @@ class ShardSet:
             self._cached = (shard, [Item(k, b, c, {e: tuple(v) for e, v in m.items()}) for k, b, c, m in rows])
         return self._cached[1]
 
-    def captions(self) -> list[str]:
-        """Every caption (reads every item list: for the small-data feature cache only)."""
-        return [it.caption for s in range(len(self)) for it in self.items(s)]
+    def captions(self, limit: int) -> list[str]:
+        """The first `limit` captions in shard order, reading item lists only as far as needed."""
+        out: list[str] = []
+        for s in range(len(self)):
+            if len(out) >= limit:
+                break
+            out += [it.caption for it in self.items(s)]
+        return out[:limit]
 
 
 def reader_plan(shards: ShardSet, seed: int, reader: int, readers: int,
-                micro: int) -> Iterator[tuple[int, list[tuple[int, Item]]]]:
-    """(epoch, [(shard, item), ...]) of every micro-batch of one reader, forever; see the module
-    docstring. A batch may hold items of an earlier shard that waited for their bucket to fill."""
+                micro: int) -> Iterator[list[tuple[int, Item]]]:
+    """[(shard, item), ...] of every micro-batch of one reader, epoch after epoch, forever; see the
+    module docstring. A batch may hold items of an earlier shard that waited for their bucket to fill."""
     epoch = 0
     while True:
         order = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A4D])).permutation(len(shards))
@@ -204,7 +217,7 @@ def reader_plan(shards: ShardSet, seed: int, reader: int, readers: int,
                 group = waiting.setdefault(it.bucket, [])
                 group.append((shard, it))
                 if len(group) == micro:
-                    yield epoch, group
+                    yield group
                     waiting[it.bucket] = []
         epoch += 1
 
@@ -233,7 +246,7 @@ class _OpenShards:
 class _Readers(torch.utils.data.IterableDataset):
     """What DataLoader workers iterate: worker w plays the reader that serves batch `consumed + w` next."""
 
-    def __init__(self, stream: "ShardStream", consumed: int) -> None:
+    def __init__(self, stream: ShardStream, consumed: int) -> None:
         self.stream, self.consumed = stream, consumed
 
     def __iter__(self):
@@ -266,10 +279,6 @@ class ShardStream:
         scale, shift = self.shards.index["latent_scale"]
         self.latent_scale = (scale, shift)
 
-    @property
-    def captions(self) -> list[str]:
-        return self.shards.captions()
-
     def batches_from(self, n: int) -> Iterator[tuple]:
         """Batches n, n + V, n + 2V, ... of this rank (V = readers per rank)."""
         local = n % self.readers
@@ -280,13 +289,13 @@ class ShardStream:
             next(plan)
         files = _OpenShards(self.shards)
         try:
-            for epoch, items in plan:
+            for items in plan:
                 yield self._load(files, reader, position, items)
                 position += 1
         finally:
             files.close()
 
-    def _load(self, files: "_OpenShards", reader: int, position: int, items: list[tuple[int, Item]]) -> tuple:
+    def _load(self, files: _OpenShards, reader: int, position: int, items: list[tuple[int, Item]]) -> tuple:
         captions = [it.caption for _, it in items]
         features = [self._entries(f, items) for f in self.features]
         if not self.shards.latent:

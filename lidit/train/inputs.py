@@ -19,8 +19,17 @@ import torch
 
 from ..config import LIDiTConfig
 from ..data import BucketStream, FolderData, SceneStream, load_vae
-from ..features import (Entry, FeatureCache, FeatureTable, PrefixEncoder, ShardFeatures, channel_stats, encode_shards,
-                        feature_group, folder_identity)
+from ..features import (
+    Entry,
+    FeatureCache,
+    FeatureTable,
+    PrefixEncoder,
+    ShardFeatures,
+    channel_stats,
+    encode_shards,
+    feature_group,
+    folder_identity,
+)
 from ..instruction import PromptTemplate
 from ..llm import LLM, encode, load_llm
 from ..precision import compute_dtype
@@ -188,14 +197,7 @@ def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], 
 
 
 def _sample_captions(stream, n: int) -> list[str]:
-    if isinstance(stream, ShardStream):
-        out: list[str] = []
-        for s in range(len(stream.shards)):
-            out += [it.caption for it in stream.shards.items(s)]
-            if len(out) >= n:
-                break
-        return out[:n]
-    return stream.captions[:n]
+    return stream.shards.captions(n) if isinstance(stream, ShardStream) else stream.captions[:n]
 
 
 def _shard_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], stream: ShardStream,

@@ -23,7 +23,8 @@ from lidit.config import preset
 from lidit.features import FeatureCache, ShardFeatures
 from lidit.instruction import PromptTemplate
 from lidit.llm import encode
-from lidit.shards import ShardSet, ShardStream, convert_folder, main as shards_main, reader_plan
+from lidit.shards import ShardSet, ShardStream, convert_folder, reader_plan
+from lidit.shards import main as shards_main
 from lidit.train import TrainConfig
 from lidit.train.inputs import OnlineText
 
@@ -73,10 +74,10 @@ def test_readers_split_shards_and_batches_keep_one_bucket(shard_dir):
     shards = ShardSet(shard_dir)
     plans = [reader_plan(shards, 0, r, 4, 2) for r in range(4)]
     per_reader = [[next(p) for _ in range(3)] for p in plans]
-    used = [{shard for _, items in batches for shard, _ in items} for batches in per_reader]
+    used = [{shard for items in batches for shard, _ in items} for batches in per_reader]
     assert all(not (used[a] & used[b]) for a in range(4) for b in range(a + 1, 4))  # each reader its own shards
     for batches in per_reader:
-        for _, items in batches:
+        for items in batches:
             assert len(items) == 2 and len({it.bucket for _, it in items}) == 1
     with pytest.raises(ValueError, match="every reader needs at least one shard"):
         ShardStream(shard_dir, 2, 0, rank=0, world=3, workers=3)
@@ -183,7 +184,8 @@ def test_online_features_encode_each_batch(tiny_llm_dirs, tiny_llms, shard_dir, 
     assert result["step"] == 2 and [f["mode"] for f in result["features"]] == ["online", "online"]
     assert len(calls) == 2 * 2  # every step, every branch
     # its FeatureNorm statistics are those of the cached features of the same captions
-    sample = [it.caption for s in range(len(ShardSet(shard_dir))) for it in ShardSet(shard_dir).items(s)]
+    sample = ShardSet(shard_dir).captions(1000)
+    assert len(sample) == 48
     text_cfg = preset("tiny").text
     template = PromptTemplate.of(text_cfg)
     online = OnlineText(tiny_llms[0], template, text_cfg.max_tokens, -3, sample).channel_stats()
