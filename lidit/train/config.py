@@ -18,13 +18,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class DataConfig:
-    source: str = "scenes"              # "scenes" or "folder:<path>"
+    source: str = "scenes"              # "scenes", "folder:<path>" or "shards:<path>" (python -m lidit.shards convert)
     pool_size: int = 2000               # scenes: distinct training captions (each is encoded once)
     pool_seed: int | None = None        # scenes: default = the run's seed
     n_objects: Any = None               # scenes: None (1..4), an int, or a list of counts
     resolution: int | None = None       # pixels; default = the model config's resolution
     buckets: Any = "auto"               # folder: "auto", "none" (one square bucket), or [[w, h], ...]
     vae: str | None = None              # folder + latent model: a local diffusers AutoencoderKL folder
+    workers: int = 0                    # shards: DataLoader worker processes per rank (0: read in the loop's process)
+    prefetch: int = 2                   # shards: batches each worker prepares ahead
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig:
     llm_batch_size: int = 64
     llm_dtype: str = "auto"             # auto (bf16 where the device has native bf16, else float32) | float32 | bfloat16
     feature_dtype: str = "float16"
+    text_features: str = "offline"      # offline (encoded once, cached on disk) | online (the LLMs encode each batch)
     save_dtype: str = "float32"         # dtype of model.safetensors
     fsdp: bool = False
     progress: str = "auto"              # auto (tqdm on a terminal) | tqdm | plain | none
@@ -126,8 +129,12 @@ class TrainConfig:
             self.lora_config()
             if self.fsdp:
                 raise ValueError("LoRA trains on one process or under DDP; --fsdp is for full training")
-        if not (self.data.source == "scenes" or self.data.source.startswith("folder:")):
-            raise ValueError(f"data.source must be 'scenes' or 'folder:<path>', got {self.data.source!r}")
+        if not (self.data.source == "scenes" or self.data.source.startswith(("folder:", "shards:"))):
+            raise ValueError(f"data.source must be 'scenes', 'folder:<path>' or 'shards:<path>', got {self.data.source!r}")
+        if self.text_features not in ("offline", "online"):
+            raise ValueError(f"text_features must be 'offline' or 'online', got {self.text_features!r}")
+        if self.data.workers < 0 or self.data.prefetch < 1:
+            raise ValueError("data.workers must be >= 0 and data.prefetch >= 1")
 
 
 def _parse_value(text: str) -> Any:

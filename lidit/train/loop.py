@@ -21,7 +21,7 @@ from ..precision import native_bf16
 from .build import build_model
 from .config import TrainConfig, llm_folders, load_config, model_config
 from .dist import say, setup_processes
-from .inputs import cache_features, make_stream
+from .inputs import make_stream, text_sources
 from .optim import EMA, make_optimizer, weights_hash
 from .progress import Progress
 from .schedule import ema_decay_at, lr_at
@@ -56,13 +56,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
 
     stream = make_stream(cfg, model_cfg, d, micro, resolution)
     t_features = time.perf_counter()
-    tables, feature_stats = cache_features(cfg, model_cfg, folders, stream.captions, d)
+    sources, feature_stats = text_sources(cfg, model_cfg, folders, stream, d)
     t_features = time.perf_counter() - t_features
-    say(d, f"features ready in {t_features:.1f} s ({sum(s['encoded'] for s in feature_stats)} encoded, "
-           f"{len(tables[0].entries)} captions per branch)")
+    say(d, f"text features ({cfg.text_features}) ready in {t_features:.1f} s "
+           f"({sum(s['encoded'] for s in feature_stats)} captions encoded)")
 
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16(d.device))
-    model, net = build_model(model_cfg, cfg, d, tables, bf16)
+    model, net = build_model(model_cfg, cfg, d, sources, bf16)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = make_optimizer(cfg, named, d.device)
     ema = EMA(named)
@@ -116,11 +116,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
             group["lr"] = lr
         total = torch.zeros((), device=d.device)  # summed on the device: no sync per step
         for k in range(cfg.grad_accum):
-            x0, captions = stream.next_batch(micro)
+            x0, captions, *mapped = stream.next_batch(micro)  # shards also hand each branch's memory-mapped states
             if cfg.caption_dropout > 0:
                 drop = dropout_rng.random(len(captions)) < cfg.caption_dropout
                 captions = ["" if dropped else c for c, dropped in zip(captions, drop)]
-            texts = [table.states(captions, d.device) for table in tables]
+            entries = mapped[0] if mapped and mapped[0] else [None] * len(sources)
+            texts = [src.states(captions, d.device, e) for src, e in zip(sources, entries)]
             x0 = x0.to(d.device)
             sync = k == cfg.grad_accum - 1  # gradients are reduced on the last micro-batch only
             if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
