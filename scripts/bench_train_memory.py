@@ -4,7 +4,7 @@
 
 No GPU is needed: parameter, gradient and optimiser bytes follow from the parameter counts (meta
 device); activation bytes are MEASURED on the CPU by running the preset's real layers at DiT depth
-1 and 2 (batch 1, bf16 autocast, the preset's resolution and 120 text tokens per LLM) and counting
+1 and 2 (batch 1, bf16 weights and compute as under FSDP2's bf16 policy, the preset's resolution and 120 text tokens per LLM) and counting
 every tensor autograd saves for the backward (each storage once). The difference is one block; the
 rest (text pathway, embedders, final layer) is the depth-1 figure minus one block. Per rank:
 
@@ -29,12 +29,12 @@ from lidit.text import TextStates  # noqa: E402
 GiB = 2**30
 
 
-def saved_bytes(cfg, checkpointing: bool, text_tokens: int) -> int:
-    """Bytes autograd keeps for the backward of one image (each storage counted once)."""
-    model = LIDiTModel(cfg)
+def saved_bytes(cfg, checkpointing: bool, text_tokens: int, resolution: int) -> int:
+    """Bytes autograd keeps for the backward of one image at `resolution` (each storage counted once)."""
+    model = LIDiTModel(cfg).to(torch.bfloat16)  # as FSDP2's bf16 policy computes: no per-call weight casts
     model.dit.checkpointing = checkpointing
-    side = cfg.resolution // 8 if cfg.latent_format != "pixel" else cfg.resolution
-    x = torch.randn(1, cfg.dit.in_channels, side, side)
+    side = resolution // 8 if cfg.latent_format != "pixel" else resolution
+    x = torch.randn(1, cfg.dit.in_channels, side, side, dtype=torch.bfloat16)
     mask = torch.ones(1, text_tokens, dtype=torch.bool)
     texts = [TextStates(torch.randn(1, text_tokens, b.hidden_size), mask, mask.clone()) for b in cfg.text.branches]
     storages: dict[int, int] = {}
@@ -45,8 +45,7 @@ def saved_bytes(cfg, checkpointing: bool, text_tokens: int) -> int:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x, torch.rand(1), texts)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     del out, model
@@ -67,6 +66,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--micro", type=int, default=8, help="images per rank per micro-batch")
     parser.add_argument("--text-tokens", type=int, default=120)
+    parser.add_argument("--measure-resolution", type=int, help="measure at this resolution and scale the image "
+                        "part linearly in tokens to the preset's (what flash attention's O(tokens) memory allows; "
+                        "10B at 1024 px does not fit this machine's RAM)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"FSDP2 at {args.ranks} ranks, micro-batch {args.micro} images per rank, bf16 compute, fp32 master "
@@ -82,9 +84,11 @@ def main() -> None:
         row = [name, f"{total / 1e9:.2f} B", f"{sharded / GiB:.1f} GiB", f"{gathered / GiB:.2f} GiB"]
         full_block = 0
         for ac in (False, True):
+            at = args.measure_resolution or cfg.resolution
             one, two = (saved_bytes(dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, depth=d)), ac,
-                                    args.text_tokens) for d in (1, 2))
-            per_block, rest = two - one, 2 * one - two
+                                    args.text_tokens, at) for d in (1, 2))
+            scale = (cfg.resolution / at) ** 2  # image tokens
+            per_block, rest = (two - one) * scale, (2 * one - two) * scale  # rest: mostly image-sized too
             # with AC the backward recomputes one block at a time: its full activations exist once more
             acts = args.micro * (cfg.dit.depth * per_block + rest + full_block)
             full_block = per_block
