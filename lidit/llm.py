@@ -25,8 +25,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 
 SUPPORTED_FOLDERS = ("LI-DiT encodes with the HF folders of decoder-only text LLMs (Llama, Qwen2, Qwen3, Gemma, "
-                     "Gemma-2, Gemma-3, SmolLM2, Mistral); vision-language folders (Qwen2.5-VL, LLaVA) are not "
-                     "supported.")
+                     "Gemma-2, Gemma-3, SmolLM2, Mistral), and with the language model of vision-language folders "
+                     "(Qwen2.5-VL, LLaVA).")
 
 
 class _Stop(Exception):
@@ -98,12 +98,11 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'} cannot be read as a transformers config: {e}. Get the model "
                          "folder again, or a transformers version that knows its architecture.") from None
-    if getattr(config, "vision_config", None) is not None:  # refused before any weight (a vision tower) loads
-        raise NotImplementedError(
-            f"{path.name} is a vision-language model ({config.model_type}); {SUPPORTED_FOLDERS} In ComfyUI, "
-            "Qwen2.5-VL-7B's language model loads from Qwen-Image's text-encoder file "
-            "(qwen_2.5_vl_7b_fp8_scaled.safetensors, CLIPLoader) into LI-DiT Instructed Encode (CLIP).")
     text_config = config.get_text_config()
+    if getattr(config, "vision_config", None) is not None:
+        # the paper's LLMs were LLaVA-tuned: build the language model alone; transformers maps its keys
+        # out of the vision-language checkpoint and leaves the vision tower out
+        config = text_config
     total = text_config.num_hidden_layers
     keep = total if layer is None else max(layers_needed(total, k) for k in ([layer] if isinstance(layer, int) else layer))
     text_config.num_hidden_layers = keep

@@ -1,12 +1,13 @@
-"""A vision-language HF folder (Qwen2.5-VL, LLaVA) is refused before any weight loads, with an
-error that says what is supported and where such an LLM's language model works instead."""
+"""A vision-language HF folder (Qwen2.5-VL, LLaVA): only its language model loads (the paper's LLMs
+were LLaVA-tuned), and its states are the full model's language-model states."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+import torch
 
-from lidit.llm import load_llm
+from lidit.instruction import PromptTemplate, tokenize_prompts
+from lidit.llm import encode, load_llm
 from tests.fixtures_models import tiny_tokenizer
 
 
@@ -24,18 +25,22 @@ def tiny_qwen25_vl(folder: Path) -> Path:
     return folder
 
 
-def test_a_vision_language_folder_is_refused_before_loading_with_what_is_supported(tmp_path, monkeypatch) -> None:
+def test_a_vision_language_folder_loads_its_language_model_only(tmp_path) -> None:
     import transformers
 
     folder = tiny_qwen25_vl(tmp_path / "Qwen2.5-VL-tiny")
+    llm = load_llm(folder, layer=-2)
+    names = [n for n, _ in llm.model.named_parameters()]
+    assert names and not any("visual" in n or "vision" in n for n in names)  # no vision tower in memory
+    assert len(llm.model.layers) == 1 and llm.total_layers == 2  # cut at the used layer, as for text LLMs
 
-    def never(*args, **kwargs):
-        raise AssertionError("weights were loaded (the vision tower with them)")
-
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", never)
-    with pytest.raises(NotImplementedError) as caught:
-        load_llm(folder)
-    message = str(caught.value)
-    assert "Qwen2.5-VL-tiny is a vision-language model (qwen2_5_vl)" in message
-    assert "decoder-only text LLMs (Llama, Qwen2, Qwen3, Gemma" in message
-    assert "qwen_2.5_vl_7b_fp8_scaled.safetensors, CLIPLoader) into LI-DiT Instructed Encode (CLIP)" in message
+    full = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    template = PromptTemplate(chat_template=False)
+    prompts = ["a red circle", "a blue square left of a green triangle"]
+    got = encode(llm, prompts, template, 32, layer=-2)
+    batch = tokenize_prompts(llm.tokenizer, prompts, template, 32)
+    with torch.no_grad():
+        want = full.model.language_model(input_ids=batch.input_ids, attention_mask=batch.mask.long(),
+                                         output_hidden_states=True).hidden_states[-2]
+    m = batch.mask[..., None]
+    torch.testing.assert_close(got.hidden * m, want * m, atol=1e-5, rtol=1e-5)
