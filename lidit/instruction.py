@@ -16,6 +16,28 @@ from .config import PAPER_INSTRUCTION, TextConfig
 INSTRUCTION_PRESETS = {"paper": PAPER_INSTRUCTION, "none": ""}
 _SLOT = "\x00PROMPT\x00"
 
+#: chat templates that ComfyUI's bundled tokenizer lacks: it loads Qwen3-4B with Qwen2.5's tokenizer files,
+#: whose template adds a default system turn that Qwen3's own does not (Z-Image's template is this one).
+#: Keyed by ComfyUI's encoder name; shared by the CLIP node and the trainer's text-encoder files.
+CHAT_TEMPLATES = {"qwen3_4b": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}
+
+
+class WithChatTemplate:
+    """An HF tokenizer with the model's own chat template, leaving the shared tokenizer untouched."""
+
+    def __init__(self, tokenizer, chat_template: str) -> None:
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

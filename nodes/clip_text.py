@@ -24,7 +24,7 @@ from comfy.sd1_clip import SDClipModel
 from comfy.text_encoders.llama import BaseLlama
 from comfy.text_encoders.spiece_tokenizer import SPieceTokenizer
 
-from ..lidit.instruction import PromptTemplate, tokenize_prompts
+from ..lidit.instruction import CHAT_TEMPLATES, PromptTemplate, WithChatTemplate, tokenize_prompts
 from ..lidit.llm import layers_needed
 from ..lidit.text import TextStates
 from .encode import BranchIdentity, EncodedText, encoded, prompt_inputs, prompt_template
@@ -33,12 +33,6 @@ from .encode import BranchIdentity, EncodedText, encoded, prompt_inputs, prompt_
 SUPPORTED = ("Gemma-2-2B (Lumina 2, gemma2_2b), Gemma-3-4B (gemma3_4b), Llama-3.1-8B (HiDream, llama), "
              "Qwen2.5-3B (OmniGen2, qwen25_3b), Qwen2.5-VL-7B (Qwen-Image, qwen25_7b), Qwen3-4B (Z-Image, qwen3_4b), "
              "Mistral-3-24B (Flux 2, mistral3_24b)")
-
-
-#: chat templates that ComfyUI's bundled tokenizer lacks: it loads Qwen3-4B with Qwen2.5's tokenizer files,
-#: whose template adds a default system turn that Qwen3's own does not (Z-Image's template is this one)
-CHAT_TEMPLATES = {"qwen3_4b": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}
 
 
 class _Stop(Exception):
@@ -88,22 +82,6 @@ class GemmaSentencePiece:
         turns = "".join(f"<start_of_turn>{'model' if m['role'] == 'assistant' else m['role']}\n"
                         f"{m['content'].strip()}<end_of_turn>\n" for m in messages)
         return "<bos>" + turns + ("<start_of_turn>model\n" if add_generation_prompt else "")
-
-
-class WithChatTemplate:
-    """An HF tokenizer with the model's own chat template, leaving the CLIP's tokenizer untouched."""
-
-    def __init__(self, tokenizer, chat_template: str) -> None:
-        self.tokenizer, self.chat_template = tokenizer, chat_template
-
-    def __getattr__(self, name: str):
-        return getattr(self.tokenizer, name)
-
-    def __call__(self, *args, **kwargs):
-        return self.tokenizer(*args, **kwargs)
-
-    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
 
 
 @dataclass(eq=False)
