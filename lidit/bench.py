@@ -37,6 +37,8 @@ from .checkpoint import load_checkpoint, read_metadata
 from .eval import bar_chart, differences, markdown_table, run_values, score_model, variant_metrics
 from .llm import LLM, load_llm
 from .stats import RESAMPLES
+from .train import main as train_main
+from .train.config import TrainConfig, llm_folders, load_config, model_config
 
 VARIANTS: dict[str, str] = {  # config name -> row label
     "full": "full",
@@ -55,6 +57,8 @@ _VOLATILE = ("threads", "llm_threads", "progress")
 
 @dataclass(frozen=True)
 class Run:
+    """One training run of the study and the folder that holds everything it produced."""
+
     variant: str
     seed: int
     long: bool
@@ -84,8 +88,6 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 def train_overrides(run: Run, args: argparse.Namespace) -> list[str]:
     """The dotted overrides of `python -m lidit.train` that make `run` out of its variant's config."""
-    from .train.config import load_config, model_config
-
     out = [f"seed={run.seed}", f"output_dir={json.dumps(str(run.dir))}", f"threads={args.threads}", "progress=plain"]
     if args.steps:
         out.append(f"steps={args.steps}")
@@ -105,14 +107,12 @@ def trained_steps(checkpoint: Path) -> int | None:
 
 
 def _comparable(config: dict) -> dict:
+    """A training config as JSON gives it back (tuples as lists), less the speed-only fields."""
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _VOLATILE}
 
 
 def train(run: Run, args: argparse.Namespace) -> bool:
     """Train, continue or skip `run`; True when it trained."""
-    from .train.config import TrainConfig, load_config
-    from .train import main as train_main
-
     overrides = train_overrides(run, args)
     cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
     recorded = run.dir / "train_config.json"
@@ -148,7 +148,8 @@ class Scorer:
         return {"sha256": sha256(checkpoint), "count": a.count, "seed": a.eval_seed, "steps": a.sample_steps,
                 "cfg": a.cfg, "sets": sets}
 
-    def __call__(self, checkpoint: Path, llm_folders: list[Path], sets: list[str], label: str, out: Path) -> dict:
+    def __call__(self, checkpoint: Path, folders: list[Path], sets: list[str], label: str, out: Path) -> dict:
+        """The run's scores: from `out` when it matches these settings, else computed and written there."""
         want = self.settings(checkpoint, sets)
         try:
             old = json.loads(out.read_text())
@@ -160,7 +161,7 @@ class Scorer:
         torch.set_num_threads(self.args.threads)
         model = load_checkpoint(checkpoint, dtype=torch.float32)  # as trained (the configs pin fp32)
         llms = []
-        for folder, branch in zip(llm_folders, model.config.text.branches):
+        for folder, branch in zip(folders, model.config.text.branches):
             key = (str(folder), branch.layer)
             if key not in self.llms:
                 self.llms[key] = load_llm(folder, layer=branch.layer, dtype=torch.float32)
@@ -178,8 +179,6 @@ class Scorer:
 
 
 def llm_folders_of(config: Path, overrides: list[str] = ()) -> list[Path]:
-    from .train.config import TrainConfig, llm_folders, load_config, model_config
-
     cfg = TrainConfig.from_dict(load_config(str(config), overrides))
     return llm_folders(cfg, model_config(cfg.model, cfg.data.resolution))
 
