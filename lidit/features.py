@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from .instruction import PromptTemplate, template_ids, tokenize_prompts
 from .llm import LLM, encode, layers_needed
+from .text_encoder_file import TextEncoderFile
 from .text import TextStates
 
 FORMAT = "lidit-features-v1"
@@ -64,6 +65,26 @@ def _sha(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
+def _probe(f: Path, name: str) -> list[str | bytes]:
+    """A weight file's name, size and first and last MiB."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(_PROBE)
+        fh.seek(max(0, size - _PROBE))
+        tail = fh.read(_PROBE)
+    return [name, str(size), head, tail]
+
+
+def _small_files(path: Path) -> list[str | bytes]:
+    """The config and tokenizer files of a folder, whole."""
+    parts: list[str | bytes] = []
+    for name in _IDENTITY_FILES:
+        f = path / name
+        if f.is_file():
+            parts += [name, f.read_bytes()]
+    return parts
+
+
 def folder_identity(path: str | os.PathLike) -> str:
     """A fingerprint of an HF model folder that does not depend on where it lies or its mtimes.
 
@@ -71,22 +92,24 @@ def folder_identity(path: str | os.PathLike) -> str:
     last MiB: enough to tell models and conversions apart, cheap for multi-GB folders.
     """
     path = Path(path)
-    parts: list[str | bytes] = []
-    for name in _IDENTITY_FILES:
-        f = path / name
-        if f.is_file():
-            parts += [name, f.read_bytes()]
+    parts = _small_files(path)
     for f in sorted(path.rglob("*")):
         if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
-            size = f.stat().st_size
-            with f.open("rb") as fh:
-                head = fh.read(_PROBE)
-                fh.seek(max(0, size - _PROBE))
-                tail = fh.read(_PROBE)
-            parts += [str(f.relative_to(path)), str(size), head, tail]
+            parts += _probe(f, str(f.relative_to(path)))
     if not parts:
         raise FileNotFoundError(f"{path} holds no model files to identify")
     return _sha(*parts)
+
+
+def llm_identity(llm: str | os.PathLike | TextEncoderFile) -> str:
+    """folder_identity of an HF folder; for a text-encoder file, the file (name, size, head and tail),
+    the family (it sets the architecture's constants) and the tokenizer folder's files."""
+    if not isinstance(llm, TextEncoderFile):
+        return folder_identity(llm)
+    tokenizer = _small_files(llm.tokenizer)
+    if not tokenizer:
+        raise FileNotFoundError(f"{llm.tokenizer} holds no tokenizer files to identify")
+    return _sha("text-encoder-file", llm.family, *_probe(llm.path, llm.path.name), *tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,17 +281,18 @@ class FeatureTable:
 
 
 class FeatureCache:
-    """The cached features of one LLM branch (one LLM folder, layer, template and token limit)."""
+    """The cached features of one LLM branch (one LLM folder or text-encoder file, layer, template and token limit)."""
 
-    def __init__(self, root: str | os.PathLike, llm_path: str | os.PathLike, layer: int,
+    def __init__(self, root: str | os.PathLike, llm_path: str | os.PathLike | TextEncoderFile, layer: int,
                  template: PromptTemplate, max_tokens: int, dtype: str = "float16") -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"feature dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.llm_path, self.layer, self.template, self.max_tokens = Path(llm_path), layer, template, max_tokens
+        self.layer, self.template, self.max_tokens = layer, template, max_tokens
         self.dtype = _DTYPES[dtype]
-        self.identity = folder_identity(llm_path)
+        self.identity = llm_identity(llm_path)
         self.group = feature_group(self.identity, layer, template, max_tokens, dtype)
-        self.dir = Path(root) / f"{self.llm_path.name}-{self.group[:16]}"
+        self.name = llm_path.name if isinstance(llm_path, TextEncoderFile) else Path(llm_path).name
+        self.dir = Path(root) / f"{self.name}-{self.group[:16]}"
         self.stats = {"encoded": 0, "cached": 0, "llm_calls": 0, "seconds": 0.0}
         self._index: dict[str, Path] = {}
 
@@ -317,7 +341,7 @@ class FeatureCache:
         if need_prefix:
             # float32: stored once, and the first token of some LLMs exceeds float16's range (Gemma 3: ~1e5)
             _atomic_save({"prefix": encoder.prefix.float().contiguous()}, self.dir / "prefix.safetensors",
-                              {"tokens": json.dumps(encoder.before), "llm": self.llm_path.name})
+                              {"tokens": json.dumps(encoder.before), "llm": self.name})
         # Similar lengths together: less padding per batch.
         todo = sorted(todo, key=len)
         pending: dict[str, torch.Tensor] = {}

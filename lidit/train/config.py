@@ -12,6 +12,7 @@ import torch
 from ..config import LIDiTConfig, preset
 from ..diffusion import FLOW_LOSSES
 from ..lora import LoRAConfig
+from ..text_encoder_file import TextEncoderFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,7 +33,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: Any = "demo"                 # preset name | {"preset": name, "overrides": {...}} | LIDiTConfig dict
-    llms: Any = field(default_factory=dict)  # {branch name: HF folder} or [folder per branch]
+    llms: Any = field(default_factory=dict)  # {branch name: LLM} or [LLM per branch]; an LLM is an HF folder or
+    #                                          {"text_encoder": ComfyUI file, "family": "qwen3_4b", "tokenizer": folder}
     data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = "out/run"
     cache_dir: str = ".cache/lidit"     # feature (and latent) cache, shared by runs
@@ -209,24 +211,33 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict:
     return d
 
 
-def llm_folders(cfg: TrainConfig, model_cfg: LIDiTConfig) -> list[Path]:
+def llm_folders(cfg: TrainConfig, model_cfg: LIDiTConfig) -> list[Path | TextEncoderFile]:
+    """Each branch's LLM: an HF folder, or a ComfyUI text-encoder file (lidit.text_encoder_file), its
+    hidden size checked against the branch's."""
     branches = model_cfg.text.branches
     if isinstance(cfg.llms, dict):
         missing = [b.name for b in branches if b.name not in cfg.llms]
         if missing:
-            raise ValueError(f"llms has no folder for branch(es) {missing}; it names {sorted(cfg.llms)}")
-        folders = [Path(cfg.llms[b.name]) for b in branches]
+            raise ValueError(f"llms has no LLM for branch(es) {missing}; it names {sorted(cfg.llms)}")
+        specs = [cfg.llms[b.name] for b in branches]
     else:
         if len(cfg.llms) != len(branches):
-            raise ValueError(f"llms lists {len(cfg.llms)} folders for {len(branches)} branches")
-        folders = [Path(p) for p in cfg.llms]
+            raise ValueError(f"llms lists {len(cfg.llms)} LLMs for {len(branches)} branches")
+        specs = list(cfg.llms)
     from transformers import AutoConfig
 
-    for folder, branch in zip(folders, branches):
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"LLM folder for branch {branch.name} not found: {folder} (no config.json)")
-        hidden = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().hidden_size
+    sources: list[Path | TextEncoderFile] = []
+    for spec, branch in zip(specs, branches):
+        if isinstance(spec, dict):
+            source = TextEncoderFile.from_spec(spec)
+            hidden = source.hidden_size()
+        else:
+            source = Path(spec)
+            if not (source / "config.json").is_file():
+                raise FileNotFoundError(f"LLM folder for branch {branch.name} not found: {source} (no config.json)")
+            hidden = AutoConfig.from_pretrained(source, local_files_only=True).get_text_config().hidden_size
         if hidden != branch.hidden_size:
-            raise ValueError(f"{folder}: hidden size {hidden}, but branch {branch.name} expects {branch.hidden_size} "
+            raise ValueError(f"{source}: hidden size {hidden}, but branch {branch.name} expects {branch.hidden_size} "
                              f"(override model.overrides.text.branches)")
-    return folders
+        sources.append(source)
+    return sources

@@ -29,12 +29,14 @@ from ..features import (
     encode_shards,
     feature_group,
     folder_identity,
+    llm_identity,
 )
 from ..instruction import PromptTemplate
 from ..llm import LLM, encode, load_llm
 from ..precision import compute_dtype
 from ..shards import ShardStream
 from ..text import TextStates
+from ..text_encoder_file import TextEncoderFile
 from .config import DTYPES, TrainConfig
 from .dist import Dist, say
 
@@ -107,7 +109,7 @@ def _check_latent_constants(scale_shift: tuple[float, float], model_cfg: LIDiTCo
                       f"{model_cfg.latent_format!r} decodes with {want}: the checkpoint will decode wrongly in ComfyUI")
 
 
-def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], captions: list[str],
+def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], captions: list[str],
                    d: Dist) -> tuple[list[FeatureTable], list[dict]]:
     """Encode what is missing (ranks split the work), then load every caption's features."""
     template = PromptTemplate.of(model_cfg.text)
@@ -146,8 +148,10 @@ def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path]
     return tables, stats
 
 
-def _quiet_load(folder: Path, layer: int, dtype: torch.dtype, device: torch.device):
-    """load_llm without transformers' per-load progress bars in the training log."""
+def _quiet_load(folder: Path | TextEncoderFile, layer: int, dtype: torch.dtype, device: torch.device):
+    """load_llm (or a text-encoder file's load) without transformers' per-load progress bars in the training log."""
+    if isinstance(folder, TextEncoderFile):
+        return folder.load(layer=layer, dtype=dtype, device=device)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -179,7 +183,7 @@ class OnlineText:
 STATS_CAPTIONS = 4096  # captions whose states give a fresh model's FeatureNorm statistics
 
 
-def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], stream, d: Dist) -> tuple[list, list[dict]]:
+def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], stream, d: Dist) -> tuple[list, list[dict]]:
     """Per branch, where the loop gets text states from, and what it cost (for the run's stats)."""
     template = PromptTemplate.of(model_cfg.text)
     llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
@@ -200,13 +204,13 @@ def _sample_captions(stream, n: int) -> list[str]:
     return stream.shards.captions(n) if isinstance(stream, ShardStream) else stream.captions[:n]
 
 
-def _shard_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path], stream: ShardStream,
+def _shard_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], stream: ShardStream,
                     template: PromptTemplate, llm_dtype: torch.dtype, d: Dist) -> tuple[list, list[dict]]:
     """Encode the shards that lack a feature file (ranks split them), then memory-map them all."""
     shards = stream.shards
     sources, stats = [], []
     for folder, branch in zip(folders, model_cfg.text.branches):
-        group = feature_group(folder_identity(folder), branch.layer, template, model_cfg.text.max_tokens,
+        group = feature_group(llm_identity(folder), branch.layer, template, model_cfg.text.max_tokens,
                               cfg.feature_dtype)
         out = shards.root / "features" / f"{folder.name}-{group[:16]}"
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from ..config import LIDiTConfig
 from ..diffusion import sample
 from ..eval import save_grid
 from ..model import LIDiTModel
+from ..text_encoder_file import TextEncoderFile
 from .config import TrainConfig
 from .dist import Dist
 from .inputs import cache_features
@@ -28,8 +29,8 @@ SAMPLE_PROMPTS = 8  # default grid: the first held-out scene prompts
 
 
 class Watch:
-    def __init__(self, cfg: TrainConfig, model_cfg: LIDiTConfig, out: Path, d: Dist, folders: list[Path],
-                 start_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, model_cfg: LIDiTConfig, out: Path, d: Dist,
+                 folders: list[Path | TextEncoderFile], start_step: int) -> None:
         # every rank checks, before any collective: a rank that raised alone would hang the others
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ImportError("tensorboard: true needs the tensorboard package (pip install tensorboard)")
