@@ -152,3 +152,45 @@ def test_demo_llm_gives_the_same_states_through_comfyui_classes(pack, name) -> N
     print(f"{name} layer -3: max |state| {hf_states.hidden.abs().max():.3g}, max |diff| / max |state| = {gap:.2e}")
     config = json.loads((folder / "config.json").read_text())
     assert clip_states.hidden.shape[-1] == config["hidden_size"]
+
+
+#: the trainer's text-encoder families (lidit.text_encoder_file) -> ComfyUI's config class of that name
+TE_FAMILIES = {"llama": "Llama2Config", "qwen25_3b": "Qwen25_3BConfig", "qwen25_7b": "Qwen25_7BVLI_Config",
+               "qwen3_4b": "Qwen3_4BConfig", "gemma2_2b": "Gemma2_2B_Config"}
+
+
+@pytest.mark.parametrize("family", TE_FAMILIES)
+def test_trainer_reads_a_text_encoder_file_as_comfyuis_class_runs_it(pack, tmp_path, family) -> None:
+    """Item 3 of issue 11: a file written from ComfyUI's own class (its constants untouched: head_dim,
+    rope theta, eps, activation, no soft-capping or window; only the sizes small) gives through
+    lidit.text_encoder_file the states ComfyUI's class gives. Tolerance as for the tiny models above;
+    measured max |diff| / max |state| <= 3.9e-7 at layers 0, -3, -1 (Gemma-2: 0). Changing one family
+    constant (Llama's eps 1e-5 -> 1e-6, Gemma-2's rope theta 1e4 -> 1e5) fails it."""
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+    from safetensors.torch import save_file
+
+    clip_text = inproc.sub("nodes.clip_text")
+    tef = inproc.sub("lidit.text_encoder_file")
+    tiny_tokenizer(chat=True).save_pretrained(tmp_path / "tokenizer")
+    config = getattr(llama, TE_FAMILIES[family])(vocab_size=400, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
+
+    class Decoder(llama.BaseLlama, torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = llama.Llama2_(config, device="cpu", dtype=torch.float32, ops=comfy.ops.manual_cast)
+
+    torch.manual_seed(0)
+    decoder = Decoder().requires_grad_(False).eval()
+    for p in decoder.parameters():  # ComfyUI allocates without init; Gemma's norms are 1 + w
+        p.copy_(torch.randn_like(p) * 0.02 if p.ndim == 2 else 0.1 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp_path / f"{family}.safetensors"))
+    llm = tef.TextEncoderFile.from_spec({"text_encoder": str(tmp_path / f"{family}.safetensors"), "family": family,
+                                         "tokenizer": str(tmp_path / "tokenizer")}).load(layer=None)
+    for layer in (0, -3, -1):
+        ours = inproc.sub("lidit.llm").encode(llm, PROMPTS, inproc.sub("lidit.instruction").PromptTemplate(), 256, layer)
+        comfy = clip_text.encode_states(clip_text.ClipLLM(family, decoder, llm.tokenizer, 0), PROMPTS,
+                                        inproc.sub("lidit.instruction").PromptTemplate(), 256, layer)
+        gap = assert_same_states(comfy, ours, atol=1e-4, rtol=1e-4)
+        print(f"{family} file, layer {layer}: max |diff| / max |state| = {gap:.2e}")
