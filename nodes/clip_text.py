@@ -27,7 +27,7 @@ from comfy.text_encoders.spiece_tokenizer import SPieceTokenizer
 from ..lidit.instruction import CHAT_TEMPLATES, PromptTemplate, WithChatTemplate, tokenize_prompts
 from ..lidit.llm import layers_needed
 from ..lidit.text import TextStates
-from .encode import BranchIdentity, EncodedText, encoded, prompt_inputs, prompt_template
+from .encode import BranchIdentity, EncodedText, EncodeNode, encoded, prompt_inputs, prompt_template
 
 #: what a user can load, for the error a CLIP without a decoder LLM gets (ComfyUI 0.3.75's decoder LLMs)
 SUPPORTED = ("Gemma-2-2B (Lumina 2, gemma2_2b), Gemma-3-4B (gemma3_4b), Llama-3.1-8B (HiDream, llama), "
@@ -190,17 +190,11 @@ def encode_states(llm: ClipLLM, prompts: list[str], template: PromptTemplate, ma
     return TextStates(hidden.float() * mask[..., None], mask, batch.prompt.to(device))
 
 
-class LIDiTInstructedEncodeCLIP:
+class LIDiTInstructedEncodeCLIP(EncodeNode):
     DESCRIPTION = ("Encodes one prompt with a decoder LLM from a stock text-encoder loader (CLIPLoader and "
                    "friends: Gemma-2 of Lumina 2, Qwen3 of Z-Image, Llama-3.1 of HiDream, ...), wrapped in the "
                    "instruction, system prompt and chat template (paper §3.1). Same output as LI-DiT Instructed "
                    "Encode.")
-    CATEGORY = "LI-DiT"
-    FUNCTION = "encode"
-    RETURN_TYPES = ("LIDIT_TEXT",)
-    RETURN_NAMES = ("text",)
-    OUTPUT_TOOLTIPS = ("The LLM's hidden states of the prompt (instruction tokens included, flagged), "
-                       "for an LI-DiT Linguistic Token Refiner.",)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -78,15 +78,20 @@ def encoded(states: TextStates, identity: BranchIdentity, dtype: object, hint: s
     return EncodedText(states, identity)
 
 
-class LIDiTInstructedEncode:
-    DESCRIPTION = ("Encodes one prompt with an LLM, wrapped in the instruction, system prompt and chat template "
-                   "(paper §3.1). Use one for the positive and one for the negative prompt; an empty text is fine.")
+class EncodeNode:
+    """What both encode nodes declare to ComfyUI: one LIDIT_TEXT out."""
+
     CATEGORY = "LI-DiT"
     FUNCTION = "encode"
     RETURN_TYPES = ("LIDIT_TEXT",)
     RETURN_NAMES = ("text",)
     OUTPUT_TOOLTIPS = ("The LLM's hidden states of the prompt (instruction tokens included, flagged), "
                        "for an LI-DiT Linguistic Token Refiner.",)
+
+
+class LIDiTInstructedEncode(EncodeNode):
+    DESCRIPTION = ("Encodes one prompt with an LLM, wrapped in the instruction, system prompt and chat template "
+                   "(paper §3.1). Use one for the positive and one for the negative prompt; an empty text is fine.")
 
     @classmethod
     def INPUT_TYPES(cls):
