@@ -63,8 +63,10 @@ class SceneStream:
 
     @classmethod
     def from_config(cls, pool_size: int, size: int, seed: int, rank: int = 0, pool_seed: int | None = None,
-                    n_objects: int | Sequence[int] | None = None) -> "SceneStream":
-        pool = scenes.train_pool(seed if pool_seed is None else pool_seed, pool_size, n_objects=n_objects)
+                    n_objects: int | Sequence[int] | None = None,
+                    styles: Sequence[str] = scenes.DEFAULT_TRAIN_STYLES) -> "SceneStream":
+        pool = scenes.train_pool(seed if pool_seed is None else pool_seed, pool_size, n_objects=n_objects,
+                                 styles=styles)
         return cls(pool, size, seed, rank)
 
     @property

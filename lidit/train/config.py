@@ -23,6 +23,7 @@ class DataConfig:
     pool_size: int = 2000               # scenes: distinct training captions (each is encoded once)
     pool_seed: int | None = None        # scenes: default = the run's seed
     n_objects: Any = None               # scenes: None (1..4), an int, or a list of counts
+    styles: Any = "default"             # scenes: caption templates, "default" (the demo's five), "all" (lidit.scenes.TRAIN_STYLES) or a list
     resolution: int | None = None       # pixels; default = the model config's resolution
     buckets: Any = "auto"               # folder: "auto", "none" (one square bucket), or [[w, h], ...]
     vae: str | None = None              # folder + latent model: a local diffusers AutoencoderKL folder

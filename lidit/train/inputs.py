@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import scenes
 from ..config import LIDiTConfig
 from ..data import BucketStream, FolderData, SceneStream, load_vae
 from ..features import (
@@ -62,7 +63,7 @@ def make_stream(cfg: TrainConfig, model_cfg: LIDiTConfig, d: Dist, micro: int, r
             raise ValueError("the synthetic scenes are RGB pixels: they need a pixel model (latent_format 'pixel', "
                              "in_channels 3)")
         return SceneStream.from_config(cfg.data.pool_size, resolution, cfg.seed, d.rank, cfg.data.pool_seed,
-                                       cfg.data.n_objects)
+                                       cfg.data.n_objects, scenes.training_styles(cfg.data.styles))
     root = src.split(":", 1)[1]
     factor = 8 if latent else 1
     step = model_cfg.dit.patch * factor

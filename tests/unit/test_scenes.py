@@ -111,6 +111,16 @@ def test_eval_set_excludes_training_captions_and_is_balanced():
     assert [ex.scene.n for ex in ev[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
 
 
+def test_training_styles_choose_the_pool_templates_and_refuse_held_out_ones():
+    assert S.training_styles("all") == S.TRAIN_STYLES and len(S.TRAIN_STYLES) == 10
+    assert S.training_styles("default") == ("plain", "image_of", "in_a_row", "followed_by", "commas")
+    assert {ex.style for ex in S.train_pool(0, 200)} == set(S.DEFAULT_TRAIN_STYLES)  # the demo's pool
+    assert {ex.style for ex in S.train_pool(0, 400, styles=S.training_styles("all"))} == set(S.TRAIN_STYLES)
+    for bad in ("ordinals", ["plain", "next_to"], "everything", []):
+        with pytest.raises(ValueError, match="data.styles"):
+            S.training_styles(bad)
+
+
 def test_determinism_by_seed():
     assert S.eval_set(5, 40) == S.eval_set(5, 40)
     assert S.eval_set(5, 40) != S.eval_set(6, 40)
