@@ -51,8 +51,10 @@ VARIANTS: dict[str, str] = {  # config name -> row label
 }
 LONG_VARIANTS = ("full", "no_token_refiner")  # the paper's positional claim: causal states vs refined ones
 REFERENCE = "full"
-# Fields of train_config.json that change how fast a run goes, not what it computes.
-_VOLATILE = ("threads", "llm_threads", "progress")
+# Fields of train_config.json that change where or how fast a run goes, not what it computes. A
+# wall-clock budget that cut a run short shows in its step count, which `train` checks separately;
+# so the demo's own run (demo.json, 20-minute budget, run elsewhere) counts as `full` at seed 0.
+_VOLATILE = ("threads", "llm_threads", "progress", "output_dir", "cache_dir", "max_minutes")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def train(run: Run, args: argparse.Namespace) -> bool:
     overrides = train_overrides(run, args)
     cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
     recorded = run.dir / "train_config.json"
-    if recorded.is_file() and _comparable(json.loads(recorded.read_text())) != _comparable(cfg.to_dict()):
+    # Read back through TrainConfig, so that a field added since (at its default) changes nothing.
+    if recorded.is_file() and _comparable(TrainConfig.from_dict(json.loads(recorded.read_text())).to_dict()) \
+            != _comparable(cfg.to_dict()):
         raise SystemExit(f"{run.dir} was trained with other settings than {run.config} + {overrides}: "
                          "use another --out, or delete the folder to retrain it")
     if trained_steps(run.dir / "model.safetensors") == cfg.steps:
@@ -213,7 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.long_variants = [v for v in args.long_variants.split(",") if v]
-    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
+    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",") if s]
+    if not args.seeds:
+        p.error("--seeds names no run: a count N means seeds 0..N-1 (1 for seed 0 alone), "
+                "or list seeds like 0,2 (a single seed k as 'k,')")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args)

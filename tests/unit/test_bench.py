@@ -86,6 +86,10 @@ def test_ablation_configs_change_one_thing_each_and_build():
                 "one_llm_gemma": {"collab_depth": 0, "branches": full_text["branches"][1:]}}
     assert set(expected) | {"full"} == set(bench.VARIANTS)
     assert full_train["steps"] == 3700 and full_train["max_minutes"] is None
+    # The study's reference is the demo's own recipe, so the demo's training run counts as full/seed0.
+    as_run = [bench._comparable(TrainConfig.from_dict(load_config(f"configs/{n}.json")).to_dict())
+              for n in ("demo", "ablation_full")]
+    assert as_run[0] == as_run[1]
     for name, change in expected.items():
         train, text = resolved(name)
         assert train == full_train, name  # one training budget for all
