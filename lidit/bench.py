@@ -34,7 +34,7 @@ import torch
 
 from . import scenes
 from .checkpoint import load_checkpoint, read_metadata
-from .eval import bar_chart, differences, markdown_table, run_values, score_model, variant_metrics
+from .eval import position_chart, differences, markdown_table, run_values, score_model, variant_metrics
 from .llm import LLM, load_llm
 from .stats import RESAMPLES
 from .train import main as train_main
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table + "\n\nDifferences from full whose 95% intervals do not overlap:\n" + (
         "\n".join(f"- {d}" for d in diffs) if diffs else "- none") + "\n"
     (out / "table.md").write_text(text)
-    bar_chart(variants, Path(args.chart or out / "benchmark.png"))
+    position_chart(variants, Path(args.chart or out / "benchmark.png"))
     result = {
         "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
         "runs": summaries,

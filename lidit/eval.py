@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -142,6 +144,7 @@ METRICS: dict[str, Metric] = {
     "last": Metric("plain", lambda n, k: n >= 2 and k == n - 1),
     "paraphrases": Metric("paraphrase", lambda n, k: True),
     **{f"position {b}": _quarter("plain", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
+    **{f"paraphrase position {b}": _quarter("paraphrase", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
     "6 obj": Metric("long", lambda n, k: True),
     "6 obj first": Metric("long", lambda n, k: k == 0),
     "6 obj last": Metric("long", lambda n, k: k == n - 1),
@@ -241,53 +244,63 @@ def report(args: argparse.Namespace) -> None:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.chart:
-        bar_chart(variants, Path(args.chart))
+        position_chart(variants, Path(args.chart))
 
 
 _COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193),
             (255, 112, 67), (120, 144, 156)]
 
 
-def bar_chart(variants: dict[str, dict[str, Interval]], path: Path) -> None:
-    """Accuracy by relative position in the prompt (quarters), one bar per variant with its 95%
-    interval as an error bar; a second panel for the 6-object prompts when any variant has them."""
+def _chart_y(value: float, y_top: float, height: float, floor: int) -> float:
+    """Pixel row of an accuracy (0..1) on a panel whose axis runs from `floor` percent to 100."""
+    return y_top + height * (1 - (100 * value - floor) / (100 - floor))
+
+
+def position_chart(variants: dict[str, dict[str, Interval]], path: Path) -> None:
+    """Accuracy by relative position in the prompt (quarters): one marker per variant with its 95%
+    interval as a whisker; one panel per prompt set that any variant was scored on.
+
+    Markers, not bars: every variant sits near the ceiling, so each panel's axis starts at the 10%
+    below its lowest interval (printed on the axis), where a bar's length would mean nothing.
+    """
     from PIL import Image, ImageDraw
     panels = [(prefix, title) for prefix, title in (
-        ("position", "Objects right by relative position in the prompt, 95% intervals: prompts of 2-4 objects"),
+        ("position", "Objects right by relative position in the prompt, 95% intervals: plain prompts of 2-4 objects"),
+        ("paraphrase position", "The same on the held-out paraphrases"),
         ("6 obj position", "The same on 6-object prompts (models trained on 1-6 objects, 1.5x canvas)"))
               if any(f"{prefix} {scenes.POSITION_BUCKETS[0]}" in v for v in variants.values())]
-    width, panel_h, left, top, legend_h = 900, 300, 50, 24, 22 * -(-len(variants) // 4) + 10
+    width, panel_h, left, top, legend_h = 900, 260, 50, 24, 22 * -(-len(variants) // 4) + 10
     img = Image.new("RGB", (width, panel_h * len(panels) + legend_h), "white")
     d = ImageDraw.Draw(img)
     group_w = (width - left - 10) / len(scenes.POSITION_BUCKETS)
-    bar_w = group_w * 0.8 / max(1, len(variants))
+    slot = group_w * 0.8 / max(1, len(variants))
     for p, (prefix, title) in enumerate(panels):
-        y_top, plot_h = p * panel_h + top, panel_h - top - 30
-
-        def level(v: float) -> float:
-            return y_top + plot_h * (1 - v)
-
+        shown = [iv for v in variants.values() for b in scenes.POSITION_BUCKETS
+                 if (iv := v.get(f"{prefix} {b}")) is not None and not math.isnan(iv.lo)]
+        floor = max(0, math.floor(min((iv.lo for iv in shown), default=0) * 10) - 1) * 10  # percent
+        step = 5 if floor >= 60 else 10
+        y_top = p * panel_h + top
+        level = partial(_chart_y, y_top=y_top, height=panel_h - top - 30, floor=floor)
         d.text((left, y_top - 18), title, fill="black")
-        for tick in range(0, 101, 20):
+        for tick in range(floor, 101, step):
             d.line([(left, level(tick / 100)), (width - 10, level(tick / 100))], fill=(225, 225, 225))
             d.text((8, level(tick / 100) - 6), f"{tick}%", fill="black")
-
         for g, bucket in enumerate(scenes.POSITION_BUCKETS):
             x0 = left + g * group_w + group_w * 0.1
             for i, metrics in enumerate(variants.values()):
                 iv = metrics.get(f"{prefix} {bucket}")
-                if iv is None:
+                if iv is None or math.isnan(iv.value):
                     continue
-                x = x0 + i * bar_w
-                d.rectangle([x, level(iv.value), x + bar_w - 2, level(0)], fill=_COLOURS[i % len(_COLOURS)])
-                mid = x + (bar_w - 2) / 2
+                mid = x0 + (i + 0.5) * slot
                 d.line([(mid, level(iv.lo)), (mid, level(iv.hi))], fill="black", width=2)
                 for v in (iv.lo, iv.hi):
                     d.line([(mid - 3, level(v)), (mid + 3, level(v))], fill="black")
-            d.text((x0 + group_w * 0.3, y_top + plot_h + 6), bucket, fill="black")
+                y = level(iv.value)
+                d.ellipse([mid - 5, y - 5, mid + 5, y + 5], fill=_COLOURS[i % len(_COLOURS)], outline="black")
+            d.text((x0 + group_w * 0.3, level(floor / 100) + 6), bucket, fill="black")
     for i, label in enumerate(variants):
         x, y = left + (i % 4) * 210, panel_h * len(panels) + 6 + 22 * (i // 4)
-        d.rectangle([x, y, x + 10, y + 10], fill=_COLOURS[i % len(_COLOURS)])
+        d.ellipse([x, y, x + 10, y + 10], fill=_COLOURS[i % len(_COLOURS)], outline="black")
         d.text((x + 14, y - 1), label[:34], fill="black")
     img.save(path)
 

@@ -25,3 +25,27 @@ def test_eval_run_and_report_on_a_tiny_checkpoint(tmp_path, tiny_llm_dirs):
     row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| tiny |"))
     assert row.startswith("| tiny | 2 |") and row.count("[") == 7  # two runs of one label pool as two seeds
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_position_chart_draws_a_panel_per_scored_set_with_markers_where_the_values_are(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lidit.eval import _COLOURS, _chart_y, position_chart
+    from lidit.stats import Interval
+
+    def quarters(prefix: str, value: float) -> dict:
+        return {f"{prefix} {b}": Interval(value, value - 0.02, value + 0.02, "test") for b in scenes.POSITION_BUCKETS}
+
+    variants = {"a": {**quarters("position", 0.95), **quarters("paraphrase position", 0.75)},
+                "b": quarters("position", 0.99)}  # scored on the plain set only
+    path = tmp_path / "chart.png"
+    position_chart(variants, path)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] == 2 * 260 + 32  # two panels (no 6-object one) and one legend row
+    # The paraphrase panel's axis starts at 60% (10% under its lowest interval, 73%): variant a's
+    # marker is at 75% there, in its colour; b has no marker in that panel.
+    y = round(_chart_y(0.75, y_top=260 + 24, height=260 - 24 - 30, floor=60))
+    row = img[y]
+    assert (row == _COLOURS[0]).all(axis=1).sum() >= 4 * 6  # a marker per quarter
+    assert not (img[260:2 * 260] == _COLOURS[1]).all(axis=2).any()
