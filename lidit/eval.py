@@ -143,6 +143,8 @@ METRICS: dict[str, Metric] = {
     "first": Metric("plain", lambda n, k: n >= 2 and k == 0),
     "last": Metric("plain", lambda n, k: n >= 2 and k == n - 1),
     "paraphrases": Metric("paraphrase", lambda n, k: True),
+    "paraphrase first": Metric("paraphrase", lambda n, k: n >= 2 and k == 0),
+    "paraphrase last": Metric("paraphrase", lambda n, k: n >= 2 and k == n - 1),
     **{f"position {b}": _quarter("plain", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
     **{f"paraphrase position {b}": _quarter("paraphrase", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
     "6 obj": Metric("long", lambda n, k: True),
@@ -151,10 +153,13 @@ METRICS: dict[str, Metric] = {
     **{f"6 obj position {b}": _quarter("long", i) for i, b in enumerate(scenes.POSITION_BUCKETS)},
 }
 #: the positional bias as one number: first minus last object on the same prompts, resampled together
-GAPS: dict[str, tuple[str, str]] = {"first - last": ("first", "last"), "6 obj first - last": ("6 obj first", "6 obj last")}
+GAPS: dict[str, tuple[str, str]] = {"first - last": ("first", "last"),
+                                    "paraphrase first - last": ("paraphrase first", "paraphrase last"),
+                                    "6 obj first - last": ("6 obj first", "6 obj last")}
 TABLE = {"objects 1-2": "objects (1-2 obj)", "objects 4": "objects (4 obj)", "prompts": "prompts",
          "first": "first object", "last": "last object", "first - last": "first - last",
-         "paraphrases": "paraphrases (objects)", "6 obj first": "6 obj: first object",
+         "paraphrases": "paraphrases (objects)", "paraphrase first - last": "paraphrases: first - last",
+         "6 obj first": "6 obj: first object",
          "6 obj last": "6 obj: last object", "6 obj first - last": "6 obj: first - last"}
 
 
