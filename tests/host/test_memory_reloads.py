@@ -8,7 +8,7 @@ import pytest
 
 import graphs
 from harness import REPO_ROOT, ComfyServer
-from test_demo import ASSETS
+from test_demo import CASES
 
 
 def rss_gib(pid: int) -> float:
@@ -18,7 +18,7 @@ def rss_gib(pid: int) -> float:
     raise KeyError("VmRSS")
 
 
-@pytest.mark.skipif(not all(p.exists() for p in ASSETS), reason="needs the demo checkpoint and LLMs")
+@pytest.mark.skipif(not all(p.exists() for p in CASES["lidit_paper_pipeline"]), reason="needs the demo checkpoint and LLMs")
 def test_rss_stays_flat_over_ten_reload_cycles(tmp_path):
     graph = graphs.load("lidit_paper_pipeline")
     with ComfyServer(tmp_path, pack_dir=REPO_ROOT) as server:
