@@ -34,7 +34,7 @@ import torch
 
 from . import scenes
 from .checkpoint import load_checkpoint, read_metadata
-from .eval import position_chart, differences, markdown_table, run_values, score_model, variant_metrics
+from .eval import differences, markdown_table, position_chart, run_values, score_model, variant_metrics
 from .llm import LLM, load_llm
 from .stats import RESAMPLES
 from .train import main as train_main
