@@ -44,7 +44,12 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     long_dir = out / "runs" / "full-long" / "seed0"
     assert json.loads((long_dir / "train_config.json").read_text())["data"]["n_objects"] == [1, 2, 3, 4, 5, 6]
 
-    # Finished runs are skipped: nothing is trained or rescored.
+    # Finished runs are skipped: nothing is trained or rescored. A run recorded before a config field
+    # existed (here data.styles, at its default) is the same run.
+    recorded = out / "runs" / "full" / "seed0" / "train_config.json"
+    older = json.loads(recorded.read_text())
+    del older["data"]["styles"]
+    recorded.write_text(json.dumps(older))
     scores = sorted(out.glob("runs/*/seed0/score.json"))
     stamps = [p.stat().st_mtime_ns for p in scores]
     assert bench.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 0
@@ -102,3 +107,9 @@ def test_ablation_configs_change_one_thing_each_and_build():
         names = {n for n, _ in model.named_parameters()}
         assert any(".blocks." in n for n in names if n.startswith("text.refiners")) == (text["refiner_depth"] > 0)
         assert any(n.startswith("text.collab") for n in names) == (text["collab_depth"] > 0)
+
+
+def test_bench_refuses_a_seed_count_of_zero(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "0"])
+    assert "names no run" in capsys.readouterr().err
