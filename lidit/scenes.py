@@ -165,7 +165,7 @@ TRAIN_TEMPLATES: dict[str, Callable[[Sequence[str]], str]] = {
     "commas": lambda p: _seq(p, ", ", "one object: {}"),
     # Five more, none a held-out one (other connectives, numbering, a lead-in), for `data.styles: "all"`.
     # They did not help the demo: at its budget they cost 4-object accuracy and gained no paraphrase
-    # accuracy (docs/training.md, "What was tried for the demo").
+    # accuracy (docs/training.md, "What was tried for a stronger demo").
     "semicolons": lambda p: _seq(p, "; ", "{} and nothing else"),
     "with": lambda p: _seq(p, ", ", "{} on its own") if len(p) == 1 else f"{p[0]} with " + _and_list(p[1:]),
     "picture": lambda p: "a picture showing " + _and_list(p),
