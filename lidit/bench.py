@@ -113,8 +113,8 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _VOLATILE}
 
 
-def train(run: Run, args: argparse.Namespace) -> bool:
-    """Train, continue or skip `run`; True when it trained."""
+def finished(run: Run, args: argparse.Namespace) -> bool:
+    """Whether `run`'s folder holds its model trained to the end; refuses a folder of other settings."""
     overrides = train_overrides(run, args)
     cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
     recorded = run.dir / "train_config.json"
@@ -123,8 +123,14 @@ def train(run: Run, args: argparse.Namespace) -> bool:
             != _comparable(cfg.to_dict()):
         raise SystemExit(f"{run.dir} was trained with other settings than {run.config} + {overrides}: "
                          "use another --out, or delete the folder to retrain it")
-    if trained_steps(run.dir / "model.safetensors") == cfg.steps:
+    return trained_steps(run.dir / "model.safetensors") == cfg.steps
+
+
+def train(run: Run, args: argparse.Namespace) -> bool:
+    """Train, continue or skip `run`; True when it trained."""
+    if finished(run, args):
         return False
+    overrides = train_overrides(run, args)
     resume = (run.dir / "resume" / "state.json").is_file()
     print(f"bench: {'continuing' if resume else 'training'} {run.name}", flush=True)
     train_main(["--config", str(run.config), *overrides, *(["--resume"] if resume else [])])
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--demo-config", default="configs/demo.json", help="the demo's training config (its LLM folders)")
     p.add_argument("--out", default="out/bench")
     p.add_argument("--chart", help="default: <out>/benchmark.png")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: table and chart from the runs already finished (a study under way)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.long_variants = [v for v in args.long_variants.split(",") if v]
@@ -237,8 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
         scored[label] = [score(demo, llm_folders_of(Path(args.demo_config)), ["plain", "paraphrase"], label,
                                out / "demo" / "score.json")]
         per_run[label] = [{"seed": None, **run_values(scored[label][0])}]
-    summaries, trained = [], 0
+    summaries, trained, left_out = [], 0, []
     for run in runs:
+        if args.finished_only and not finished(run, args):
+            left_out.append(run.name)
+            continue
         trained += train(run, args)
         label = VARIANTS.get(run.variant, run.variant)
         checkpoint = run.dir / "model.safetensors"
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         scored.setdefault(label, []).append(result)
         per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(result)})
         summaries.append(summary(run, result))
+    if left_out:
+        print(f"bench: not finished, left out: {', '.join(left_out)}", flush=True)
     variants = {label: variant_metrics(results) for label, results in scored.items()}
     seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
     table = markdown_table(variants, seeds)
@@ -258,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
         "runs": summaries,
+        "runs_left_out": left_out,
         "variants": {label: {"seeds": seeds[label], "metrics": {m: iv.to_dict() for m, iv in metrics.items()},
                              "per_run": per_run[label]} for label, metrics in variants.items()},
         "differences_from_full": diffs,

@@ -7,6 +7,7 @@
 # continues from its last checkpoint.
 #   SEEDS=3 (a count, or a list like 0,1,2)   COUNT=400 (prompts per set)   THREADS=2
 #   VARIANTS / LONG_VARIANTS (comma-separated config names; LONG_VARIANTS= for none)
+#   FINISHED_ONLY=1 (train nothing: the table and chart of the runs finished so far)
 #   STEPS (override the configs' 3700: the tiny mode, e.g. STEPS=2 COUNT=2 SEEDS=1, which writes to
 #   out/bench-steps$STEPS and leaves docs/benchmark.png alone)   OUT   CHART
 set -euo pipefail
@@ -16,6 +17,7 @@ PY=.venv/bin/python
 args=(--seeds "${SEEDS:-3}" --count "${COUNT:-400}" --threads "${THREADS:-2}")
 [ -n "${VARIANTS:-}" ] && args+=(--variants "$VARIANTS")
 [ -n "${LONG_VARIANTS+set}" ] && args+=(--long-variants "$LONG_VARIANTS")
+[ -n "${FINISHED_ONLY:-}" ] && args+=(--finished-only)
 if [ -n "${STEPS:-}" ]; then
     OUT=${OUT:-out/bench-steps$STEPS}
     args+=(--steps "$STEPS" --chart "${CHART:-$OUT/benchmark.png}")

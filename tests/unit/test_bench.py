@@ -62,7 +62,13 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     train_main(["--config", str(run.config), *bench.train_overrides(run, argparse.Namespace(threads=1, steps=2)),
                 "--stop-after", "1"])
     assert bench.trained_steps(interrupted / "model.safetensors") == 1
+    # A study under way reports what is finished and trains nothing.
     capsys.readouterr()
+    partial = bench.main([*argv, "--seeds", "0,1", "--long-variants", "", "--finished-only"])
+    assert partial["runs_trained_this_invocation"] == 0 and partial["variants"]["full"]["seeds"] == 1
+    assert partial["runs_left_out"] == ["full/seed1", "no_token_refiner/seed1"]
+    assert "left out: full/seed1, no_token_refiner/seed1" in capsys.readouterr().out
+    assert bench.trained_steps(interrupted / "model.safetensors") == 1
     third = bench.main([*argv, "--seeds", "0,1", "--long-variants", ""])
     assert "bench: continuing full/seed1" in capsys.readouterr().out
     assert third["runs_trained_this_invocation"] == 2  # full/seed1 continued, no_token_refiner/seed1 new
