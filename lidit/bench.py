@@ -6,8 +6,13 @@ it on `count` unseen prompts per set, and pools the seeds into one row with 95% 
 trained a second time on the long scenes (1-6 objects on a 1.5x canvas) and scored on 6-object
 prompts, for the positional-bias figure. The committed demo checkpoint is scored as a reference.
 
-A multi-hour study must survive an interruption, and must never mix results of different
-settings. So each run lives in `<out>/runs/<variant>[-long]/seed<k>/`:
+A study of many hours must survive an interruption, and a lost machine, and must never mix results
+of different settings. So each finished run is **recorded** in `<results>/runs/<variant>[-long]/seed<k>.json`
+(its training config, training stats and scores, per object; a few KB, committed to git for the
+README's study): a run whose record names the same training config and scoring settings is done, and
+neither its checkpoint nor its folder is needed again; delete the record to redo the run; a record
+of other settings is refused, not replaced. The work
+of a run not yet recorded lives in `<out>/runs/<variant>[-long]/seed<k>/`:
 - training is finished when `model.safetensors` records the configured step count; otherwise it
   continues from the trainer's `resume/` state (lost: at most `checkpoint_every` steps), or starts
   over when there is none;
@@ -16,9 +21,9 @@ settings. So each run lives in `<out>/runs/<variant>[-long]/seed<k>/`:
 - `score.json` is written atomically and reused only when it names the same checkpoint (sha256),
   prompts, sampler and sets; anything else (a stale, foreign or unreadable file) is rescored.
 
-Outputs: `<out>/bench.json` (settings, every run with its training stats and summaries, every
-variant's intervals and per-seed values, the differences from `full` that the intervals support),
-`<out>/table.md` (the README table) and the chart with error bars.
+Outputs, beside the records: `<results>/bench.json` (settings, every run with its training stats and
+summaries, every variant's intervals and per-seed values, the differences from `full` that the
+intervals support), `<results>/table.md` (the README table) and the chart with error bars.
 """
 from __future__ import annotations
 
@@ -153,14 +158,15 @@ class Scorer:
         self.llms: dict[tuple[str, int], LLM] = {}
         self.memo: dict = {}  # the prompts' LLM states, shared by every model that reads the same LLM layer
 
-    def settings(self, checkpoint: Path, sets: list[str]) -> dict:
+    def settings(self, sets: list[str]) -> dict:
+        """How prompts are drawn and sampled; a score also names its checkpoint's sha256."""
         a = self.args
-        return {"sha256": sha256(checkpoint), "count": a.count, "seed": a.eval_seed, "steps": a.sample_steps,
-                "cfg": a.cfg, "sets": sets}
+        return {"count": a.count, "seed": a.eval_seed, "steps": a.sample_steps, "cfg": a.cfg, "sets": sets}
 
-    def __call__(self, checkpoint: Path, folders: list[Path], sets: list[str], label: str, out: Path) -> dict:
+    def __call__(self, checkpoint: Path, folders: list[Path], sets: list[str], label: str, out: Path,
+                 samples: Path) -> dict:
         """The run's scores: from `out` when it matches these settings, else computed and written there."""
-        want = self.settings(checkpoint, sets)
+        want = {"sha256": sha256(checkpoint), **self.settings(sets)}
         try:
             old = json.loads(out.read_text())
             if old["settings"] == want and all(s in old for s in sets):
@@ -180,12 +186,55 @@ class Scorer:
         a = self.args
         result = {"label": label, "checkpoint": str(checkpoint), "settings": want,
                   **score_model(model, llms, sets, a.count, a.eval_seed, a.sample_steps, a.cfg,
-                                out.with_name("samples.png"), self.memo),
+                                samples, self.memo),
                   "seconds": round(time.time() - started, 1)}
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, out)  # a killed run leaves no half-written score behind
+        write_json(out, result)
         return result
+
+
+def write_json(path: Path, value: dict, indent: int | None = None) -> None:
+    """Atomically: a killed run leaves no half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent))
+    os.replace(tmp, path)
+
+
+def record_path(run: Run, args: argparse.Namespace) -> Path:
+    return Path(args.results) / "runs" / run.dir.parent.name / f"{run.dir.name}.json"
+
+
+def run_config(run: Run, args: argparse.Namespace) -> dict:
+    """The run's training config as records compare it: without the speed-only fields."""
+    return _comparable(TrainConfig.from_dict(load_config(str(run.config), train_overrides(run, args))).to_dict())
+
+
+def recorded(run: Run, args: argparse.Namespace, scorer: Scorer) -> dict | None:
+    """The run's record, or None when there is none (or an unreadable one); refuses a record of
+    other settings rather than replacing what another study measured."""
+    path = record_path(run, args)
+    try:
+        record = json.loads(path.read_text())
+        same_training = _comparable(TrainConfig.from_dict(record["train_config"]).to_dict()) == run_config(run, args)
+        settings = {k: v for k, v in record["score"]["settings"].items() if k != "sha256"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (same_training and settings == scorer.settings(run.sets) and all(s in record["score"] for s in run.sets)):
+        raise SystemExit(f"{path} records a run of other settings than {run.config} + {train_overrides(run, args)} "
+                         "scored with " + json.dumps(scorer.settings(run.sets)) +
+                         ": use another --results, or delete the record to redo the run")
+    return record
+
+
+def record(run: Run, args: argparse.Namespace, score: dict) -> dict:
+    """Writes what the study keeps of a finished run, so that its checkpoint is no longer needed."""
+    stats = json.loads(read_metadata(run.dir / "model.safetensors")["training_stats"])
+    value = {"variant": run.variant, "seed": run.seed, "long_scenes": run.long, "train_config": run_config(run, args),
+             "training": {k: stats.get(k) for k in ("step", "train_seconds", "feature_seconds", "seconds_per_step",
+                                                    "last_loss", "threads", "machine")},
+             "score": score}
+    write_json(record_path(run, args), value)
+    return value
 
 
 def llm_folders_of(config: Path, overrides: list[str] = ()) -> list[Path]:
@@ -193,13 +242,12 @@ def llm_folders_of(config: Path, overrides: list[str] = ()) -> list[Path]:
     return llm_folders(cfg, model_config(cfg.model, cfg.data.resolution))
 
 
-def summary(run: Run, score: dict) -> dict:
-    """What bench.json keeps of one run: no per-object lists, those stay in the run's score.json."""
-    stats = json.loads(read_metadata(run.dir / "model.safetensors")["training_stats"])
-    return {"variant": run.variant, "seed": run.seed, "long_scenes": run.long, "dir": str(run.dir),
-            "sha256": score["settings"]["sha256"], "score_seconds": score["seconds"],
-            "training": {k: stats.get(k) for k in ("step", "train_seconds", "feature_seconds", "seconds_per_step",
-                                                   "last_loss", "threads", "machine")},
+def summary(run: Run, args: argparse.Namespace, record: dict) -> dict:
+    """What bench.json keeps of one run: no per-object lists, those stay in the run's record."""
+    score = record["score"]
+    return {"variant": run.variant, "seed": run.seed, "long_scenes": run.long,
+            "record": str(record_path(run, args)), "sha256": score["settings"]["sha256"],
+            "score_seconds": score["seconds"], "training": record["training"],
             **{s: {k: v for k, v in score[s].items() if k != "object_correct"} for s in run.sets}}
 
 
@@ -218,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--configs", default="configs", help="folder of the ablation_<variant>.json files")
     p.add_argument("--demo", default="checkpoints/lidit-demo.safetensors", help="reference checkpoint ('' for none)")
     p.add_argument("--demo-config", default="configs/demo.json", help="the demo's training config (its LLM folders)")
-    p.add_argument("--out", default="out/bench")
+    p.add_argument("--out", default="out/bench", help="the runs' working folders (checkpoints, resume states)")
+    p.add_argument("--results", help="records of finished runs, bench.json, table.md (default: --out)")
     p.add_argument("--chart", help="default: <out>/benchmark.png")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: table and chart from the runs already finished (a study under way)")
@@ -229,11 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.seeds:
         p.error("--seeds names no run: a count N means seeds 0..N-1 (1 for seed 0 alone), "
                 "or list seeds like 0,2 (a single seed k as 'k,')")
-    out = Path(args.out)
+    args.results = args.results or args.out
+    out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args)
     print(f"bench: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
-          f"{len(args.seeds)} seeds), {args.count} prompts per set -> {out}", flush=True)
+          f"{len(args.seeds)} seeds), {args.count} prompts per set -> {results}", flush=True)
     started = time.time()
     score = Scorer(args)
     scored: dict[str, list[dict]] = {}  # row label -> every scored run of it
@@ -241,32 +291,34 @@ def main(argv: list[str] | None = None) -> dict:
     if args.demo:
         demo = Path(args.demo)
         label = f"demo ({trained_steps(demo)} steps, committed)"
-        (out / "demo").mkdir(exist_ok=True)
         scored[label] = [score(demo, llm_folders_of(Path(args.demo_config)), ["plain", "paraphrase"], label,
-                               out / "demo" / "score.json")]
+                               results / "demo.json", out / "demo" / "samples.png")]
         per_run[label] = [{"seed": None, **run_values(scored[label][0])}]
     summaries, trained, left_out = [], 0, []
     for run in runs:
-        if args.finished_only and not finished(run, args):
-            left_out.append(run.name)
-            continue
-        trained += train(run, args)
+        kept = recorded(run, args, score)
+        if kept is None:
+            if args.finished_only and not finished(run, args):
+                left_out.append(run.name)
+                continue
+            trained += train(run, args)
+            result = score(run.dir / "model.safetensors", llm_folders_of(run.config, train_overrides(run, args)),
+                           run.sets, VARIANTS.get(run.variant, run.variant), run.dir / "score.json",
+                           run.dir / "samples.png")
+            kept = record(run, args, result)
         label = VARIANTS.get(run.variant, run.variant)
-        checkpoint = run.dir / "model.safetensors"
-        result = score(checkpoint, llm_folders_of(run.config, train_overrides(run, args)), run.sets, label,
-                       run.dir / "score.json")
-        scored.setdefault(label, []).append(result)
-        per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(result)})
-        summaries.append(summary(run, result))
+        scored.setdefault(label, []).append(kept["score"])
+        per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(kept["score"])})
+        summaries.append(summary(run, args, kept))
     if left_out:
         print(f"bench: not finished, left out: {', '.join(left_out)}", flush=True)
-    variants = {label: variant_metrics(results) for label, results in scored.items()}
+    variants = {label: variant_metrics(rows) for label, rows in scored.items()}
     seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
     table = markdown_table(variants, seeds)
     diffs = differences(variants, VARIANTS[REFERENCE]) if VARIANTS[REFERENCE] in variants else []
     text = table + "\n\nDifferences from full whose 95% intervals do not overlap:\n" + (
         "\n".join(f"- {d}" for d in diffs) if diffs else "- none") + "\n"
-    (out / "table.md").write_text(text)
+    (results / "table.md").write_text(text)
     position_chart(variants, Path(args.chart or out / "benchmark.png"))
     result = {
         "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
@@ -278,9 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_this_invocation": round(time.time() - started, 1),
         "runs_trained_this_invocation": trained,
     }
-    tmp = out / ".bench.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "bench.json")
+    write_json(results / "bench.json", result, indent=1)
     print(text, flush=True)
     return result
 

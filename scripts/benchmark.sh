@@ -9,7 +9,9 @@
 #   VARIANTS / LONG_VARIANTS (comma-separated config names; LONG_VARIANTS= for none)
 #   FINISHED_ONLY=1 (train nothing: the table and chart of the runs finished so far)
 #   STEPS (override the configs' 3700: the tiny mode, e.g. STEPS=2 COUNT=2 SEEDS=1, which writes to
-#   out/bench-steps$STEPS and leaves docs/benchmark.png alone)   OUT   CHART
+#   out/bench-steps$STEPS and leaves docs/ alone)   OUT (the runs' working folders)   RESULTS   CHART
+# The full study records each finished run in docs/bench/runs/ (committed: a few KB each), so that
+# it accumulates across machines; the checkpoints stay in OUT (out/bench, git-ignored).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
@@ -20,9 +22,9 @@ args=(--seeds "${SEEDS:-3}" --count "${COUNT:-400}" --threads "${THREADS:-2}")
 [ -n "${FINISHED_ONLY:-}" ] && args+=(--finished-only)
 if [ -n "${STEPS:-}" ]; then
     OUT=${OUT:-out/bench-steps$STEPS}
-    args+=(--steps "$STEPS" --chart "${CHART:-$OUT/benchmark.png}")
+    args+=(--steps "$STEPS" --results "${RESULTS:-$OUT}" --chart "${CHART:-$OUT/benchmark.png}")
 else
     OUT=${OUT:-out/bench}
-    args+=(--chart "${CHART:-docs/benchmark.png}")
+    args+=(--results "${RESULTS:-docs/bench}" --chart "${CHART:-docs/benchmark.png}")
 fi
 exec "$PY" -m lidit.bench --out "$OUT" "${args[@]}"

@@ -1,10 +1,11 @@
 """The study command end to end at a tiny size: it must write the JSON, the table and the chart,
-skip what is finished, continue what was interrupted, rescore a damaged score, and refuse to
-pool runs trained with other settings."""
+skip what is recorded (even with its checkpoint gone), continue what was interrupted, rescore a
+damaged score, and refuse to pool runs trained with other settings."""
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -44,18 +45,38 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     long_dir = out / "runs" / "full-long" / "seed0"
     assert json.loads((long_dir / "train_config.json").read_text())["data"]["n_objects"] == [1, 2, 3, 4, 5, 6]
 
-    # Finished runs are skipped: nothing is trained or rescored. A run recorded before a config field
-    # existed (here data.styles, at its default) is the same run.
-    recorded = out / "runs" / "full" / "seed0" / "train_config.json"
-    older = json.loads(recorded.read_text())
-    del older["data"]["styles"]
-    recorded.write_text(json.dumps(older))
-    scores = sorted(out.glob("runs/*/seed0/score.json"))
-    stamps = [p.stat().st_mtime_ns for p in scores]
-    assert bench.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 0
-    assert [p.stat().st_mtime_ns for p in scores] == stamps
+    # Recorded runs are skipped: nothing is trained or rescored, and the record alone suffices (the
+    # study spans machines whose run folders are lost). A record made before a config field existed
+    # (here data.styles, at its default) is the same run; one of other settings is refused, and
+    # redone once deleted.
+    records = sorted(out.glob("runs/*/seed0.json"))
+    assert [p.parent.name for p in records] == ["full", "full-long", "no_token_refiner"]
+    older = json.loads(records[0].read_text())
+    del older["train_config"]["data"]["styles"]
+    records[0].write_text(json.dumps(older))
+    shutil.rmtree(out / "runs" / "no_token_refiner" / "seed0")
+    stamps = [p.stat().st_mtime_ns for p in records]
+    again = bench.main([*argv, "--seeds", "1"])
+    assert again["runs_trained_this_invocation"] == 0 and again["variants"]["no token refiner"]["seeds"] == 1
+    assert again["variants"]["no token refiner"]["metrics"] == first["variants"]["no token refiner"]["metrics"]
+    assert [p.stat().st_mtime_ns for p in records] == stamps
+    other = json.loads(records[2].read_text())
+    lr = other["train_config"]["lr"]
+    other["train_config"]["lr"] = 2 * lr
+    records[2].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings.*delete the record"):
+        bench.main([*argv, "--seeds", "1"])
+    records[2].write_text(json.dumps({**other, "train_config": {**other["train_config"], "lr": lr}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--seeds", "1", "--count", "3"])
+    records[2].unlink()
+    assert bench.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 1
+    assert json.loads(records[2].read_text())["train_config"]["lr"] == lr
 
-    # A damaged score is redone; a run interrupted after 1 of 2 steps continues from its resume state.
+    # A damaged record and score are redone; a run interrupted after 1 of 2 steps continues from its
+    # resume state.
+    scores = sorted(out.glob("runs/*/seed0/score.json"))
+    records[0].write_text("{")
     scores[0].write_text("{")
     interrupted = out / "runs" / "full" / "seed1"
     run = bench.Run("full", 1, False, tmp_path / "ablation_full.json", interrupted)
@@ -73,11 +94,12 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     assert "bench: continuing full/seed1" in capsys.readouterr().out
     assert third["runs_trained_this_invocation"] == 2  # full/seed1 continued, no_token_refiner/seed1 new
     assert json.loads(scores[0].read_text())["plain"]["images"] == 2
+    assert json.loads(records[0].read_text())["score"]["plain"]["images"] == 2
     assert third["variants"]["full"]["seeds"] == 2 and bench.trained_steps(interrupted / "model.safetensors") == 2
 
-    # Other settings in the same folder are refused rather than pooled.
-    with pytest.raises(SystemExit, match="other settings"):
-        bench.main([*argv, "--seeds", "1", "--steps", "3"])
+    # Other settings in the same run folder are refused rather than pooled.
+    with pytest.raises(SystemExit, match="was trained with other settings"):
+        bench.main([*argv, "--seeds", "1", "--steps", "3", "--results", str(tmp_path / "elsewhere")])
 
 
 def test_ablation_configs_change_one_thing_each_and_build():
