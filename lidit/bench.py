@@ -10,9 +10,9 @@ A study of many hours must survive an interruption, and a lost machine, and must
 of different settings. So each finished run is **recorded** in `<results>/runs/<variant>[-long]/seed<k>.json`
 (its training config, training stats and scores, per object; a few KB, committed to git for the
 README's study): a run whose record names the same training config and scoring settings is done, and
-neither its checkpoint nor its folder is needed again; delete the record to redo the run; a record
-of other settings is refused, not replaced. The work
-of a run not yet recorded lives in `<out>/runs/<variant>[-long]/seed<k>/`:
+neither its checkpoint nor its folder is needed again. Delete the record to redo the run; a record
+of other settings is refused, not replaced. The work of a run not yet recorded lives in
+`<out>/runs/<variant>[-long]/seed<k>/`:
 - training is finished when `model.safetensors` records the configured step count; otherwise it
   continues from the trainer's `resume/` state (lost: at most `checkpoint_every` steps), or starts
   over when there is none;
