@@ -231,7 +231,7 @@ def record(run: Run, args: argparse.Namespace, score: dict) -> dict:
     stats = json.loads(read_metadata(run.dir / "model.safetensors")["training_stats"])
     value = {"variant": run.variant, "seed": run.seed, "long_scenes": run.long, "train_config": run_config(run, args),
              "training": {k: stats.get(k) for k in ("step", "train_seconds", "feature_seconds", "seconds_per_step",
-                                                    "last_loss", "threads", "machine")},
+                                                    "last_loss", "threads", "machine", "cpu_kernels")},
              "score": score}
     write_json(record_path(run, args), value)
     return value

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     def checkpoint() -> None:
         stats = {**{k: v for k, v in info().items() if k != "loss_window"}, "world_size": d.world, "fsdp": cfg.fsdp, "device": str(d.device),
                  "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.processor()} "
-                 f"{os.cpu_count()} cpus".strip(), "gpu": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None,
+                 f"{os.cpu_count()} cpus".strip(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None,
                  "torch": torch.__version__, "features": feature_stats, "feature_seconds": round(t_features, 2)}
         extra = {"training_command": command_line(argv), "training_config": json.dumps(cfg.to_dict()),
                  "training_stats": json.dumps(stats, default=str)}
