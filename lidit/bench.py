@@ -114,21 +114,20 @@ def trained_steps(checkpoint: Path) -> int | None:
 
 
 def _comparable(config: dict) -> dict:
-    """A training config as JSON gives it back (tuples as lists), less the speed-only fields."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _VOLATILE}
+    """A training config read back through TrainConfig (so that a field added since, at its default,
+    changes nothing) as JSON gives it back (tuples as lists), less the speed-only fields."""
+    full = TrainConfig.from_dict(config).to_dict()
+    return {k: v for k, v in json.loads(json.dumps(full)).items() if k not in _VOLATILE}
 
 
 def finished(run: Run, args: argparse.Namespace) -> bool:
     """Whether `run`'s folder holds its model trained to the end; refuses a folder of other settings."""
-    overrides = train_overrides(run, args)
-    cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
-    recorded = run.dir / "train_config.json"
-    # Read back through TrainConfig, so that a field added since (at its default) changes nothing.
-    if recorded.is_file() and _comparable(TrainConfig.from_dict(json.loads(recorded.read_text())).to_dict()) \
-            != _comparable(cfg.to_dict()):
-        raise SystemExit(f"{run.dir} was trained with other settings than {run.config} + {overrides}: "
-                         "use another --out, or delete the folder to retrain it")
-    return trained_steps(run.dir / "model.safetensors") == cfg.steps
+    want = run_config(run, args)
+    written = run.dir / "train_config.json"
+    if written.is_file() and _comparable(json.loads(written.read_text())) != want:
+        raise SystemExit(f"{run.dir} was trained with other settings than {run.config} + "
+                         f"{train_overrides(run, args)}: use another --out, or delete the folder to retrain it")
+    return trained_steps(run.dir / "model.safetensors") == want["steps"]
 
 
 def train(run: Run, args: argparse.Namespace) -> bool:
@@ -206,7 +205,7 @@ def record_path(run: Run, args: argparse.Namespace) -> Path:
 
 def run_config(run: Run, args: argparse.Namespace) -> dict:
     """The run's training config as records compare it: without the speed-only fields."""
-    return _comparable(TrainConfig.from_dict(load_config(str(run.config), train_overrides(run, args))).to_dict())
+    return _comparable(load_config(str(run.config), train_overrides(run, args)))
 
 
 def recorded(run: Run, args: argparse.Namespace, scorer: Scorer) -> dict | None:
@@ -215,7 +214,7 @@ def recorded(run: Run, args: argparse.Namespace, scorer: Scorer) -> dict | None:
     path = record_path(run, args)
     try:
         record = json.loads(path.read_text())
-        same_training = _comparable(TrainConfig.from_dict(record["train_config"]).to_dict()) == run_config(run, args)
+        same_training = _comparable(record["train_config"]) == run_config(run, args)
         settings = {k: v for k, v in record["score"]["settings"].items() if k != "sha256"}
     except (OSError, ValueError, KeyError, TypeError):
         return None
