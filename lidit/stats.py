@@ -15,7 +15,10 @@ With few seeds the seed part is estimated from few clusters (3 seeds give only 1
 resamples of the seeds), so treat the seed component as a lower bound; the per-seed values are
 in the benchmark's JSON for anyone who wants a t-interval on them.
 
-`wilson` is the binomial score interval, for published counts where no per-prompt data exists.
+`wilson` is the binomial score interval, for published counts where no per-prompt data exists,
+and for a group whose objects are all right (or all wrong): there every bootstrap resample is
+100% again, a zero-width interval; the Wilson interval with the seed x prompt cells as trials,
+fewer than the objects, is the honest width.
 """
 from __future__ import annotations
 
@@ -85,6 +88,11 @@ def cluster_bootstrap(correct: np.ndarray, total: np.ndarray, resamples: int = R
     stats = stats[np.isfinite(stats)]  # a resample that drew no object of the kind
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(stats, [tail, 100 - tail])
+    if lo == hi and minus is None:  # all right or all wrong: every resample repeats it, which proves nothing
+        cells = int((pairs[0][1] > 0).sum())
+        bound = wilson(round(value * cells), cells)
+        return Interval(float(value), bound.lo, bound.hi, f"{method}; all alike: Wilson with the {cells} "
+                        "seed x prompt cells as trials")
     return Interval(float(value), float(lo), float(hi), method)
 
 

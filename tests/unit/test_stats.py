@@ -59,6 +59,17 @@ def test_cluster_bootstrap_pools_objects_not_prompt_means():
         cluster_bootstrap(np.zeros((2, 3)), np.ones((3, 2)))
 
 
+def test_all_right_gets_an_interval_of_the_cells_not_zero_width():
+    # 20 prompts x 2 seeds, every object right: each resample is 100% again, which proves nothing;
+    # the interval is Wilson's with the 40 seed x prompt cells (not the 80 objects) as trials.
+    total = np.full((2, 20), 2)
+    right = cluster_bootstrap(total, total)
+    assert right.value == 1.0 and (right.lo, right.hi) == pytest.approx((wilson(40, 40).lo, 1.0))
+    wrong = cluster_bootstrap(np.zeros_like(total), total)
+    assert wrong.value == 0.0 and (wrong.lo, wrong.hi) == pytest.approx((0.0, wilson(0, 40).hi))
+    assert 0.9 < right.lo < 0.95  # wider than Wilson over the 80 objects (0.954)
+
+
 def test_separated_only_when_intervals_do_not_overlap():
     a, b, c = Interval(0.5, 0.4, 0.6, "x"), Interval(0.7, 0.61, 0.8, "x"), Interval(0.65, 0.55, 0.75, "x")
     assert separated(a, b) and separated(b, a)
