@@ -5,8 +5,9 @@ never saw, reads every object back with the programmatic checker and reports acc
 per prompt, by the object's relative position in the prompt, and on held-out paraphrases; its JSON
 keeps every object's result, because the intervals resample whole prompts. `python -m lidit.eval
 report` turns runs (several seeds of several variants) into a Markdown table and a bar chart of
-accuracy by position, every figure with its 95% interval (`lidit.stats`). `python -m lidit.bench`
-runs the whole study.
+accuracy by position, every figure with its 95% interval (`lidit.stats`). `python -m lidit.eval
+breakdown` says which objects fail: by the asked shape, colour, or the prompt's template.
+`python -m lidit.bench` runs the whole study.
 """
 from __future__ import annotations
 
@@ -252,6 +253,45 @@ def report(args: argparse.Namespace) -> None:
         position_chart(variants, Path(args.chart))
 
 
+# ------------------------------------------------------------------------------------------------
+# where the errors are: by the asked shape, colour, or the prompt's template
+# ------------------------------------------------------------------------------------------------
+#: (example, object index) -> its group
+GROUPINGS: dict[str, Callable[[scenes.Example, int], str]] = {
+    "shape": lambda e, k: e.scene.objects[k].shape,
+    "colour": lambda e, k: e.scene.objects[k].colour,
+    "template": lambda e, k: f"{e.style} ({e.scene.n} obj)",
+}
+
+
+def breakdown(runs: list[dict], prompt_set: str, by: str) -> dict[str, tuple[int, Interval]]:
+    """Per group: (objects counted, objects right with its 95% interval), over runs scored on the same
+    prompts (seeds x prompts, cluster bootstrap). The prompts are rebuilt from the scoring seed and
+    count, so that a record, which keeps only each object's 0/1, says which objects failed."""
+    settings = [run.get("settings", run) for run in runs]
+    if len({(s["seed"], s["count"]) for s in settings}) != 1:
+        raise ValueError("runs scored on other prompts (eval seed or count) cannot be pooled")
+    examples = scenes.PROMPT_SETS[prompt_set].examples(settings[0]["seed"], settings[0]["count"])
+    rows = [run[prompt_set]["object_correct"] for run in runs]
+    key = GROUPINGS[by]
+    groups = [[key(e, k) for k in range(e.scene.n)] for e in examples]
+    out = {}
+    for group in sorted({g for row in groups for g in row}):
+        counted = np.array([[row.count(group) for row in groups]] * len(runs))
+        right = np.array([[sum(v for v, g in zip(correct, row) if g == group) for correct, row in zip(seed, groups)]
+                          for seed in rows])
+        out[group] = int(counted.sum()), cluster_bootstrap(right, counted)
+    return out
+
+
+def show_breakdown(args: argparse.Namespace) -> None:
+    runs = [json.loads(Path(f).read_text()) for f in args.results]
+    runs = [run.get("score", run) for run in runs]  # a bench record keeps the scores under "score"
+    print(f"| {args.by} | objects | right [95% interval] |\n|---|---|---|")
+    for group, (counted, interval) in breakdown(runs, args.set, args.by).items():
+        print(f"| {group} | {counted} | {cell(interval)} |")
+
+
 _COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193),
             (255, 112, 67), (120, 144, 156)]
 
@@ -334,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown")
     p.add_argument("--chart")
     p.set_defaults(run=report)
+    p = sub.add_parser("breakdown", help="objects right by asked shape, colour or template, with 95%% intervals, "
+                       "from result JSONs or bench records (several: the seeds of one variant)")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--set", default="paraphrase", choices=sorted(scenes.PROMPT_SETS))
+    p.add_argument("--by", default="template", choices=sorted(GROUPINGS))
+    p.set_defaults(run=show_breakdown)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from lidit import scenes
@@ -49,3 +50,26 @@ def test_position_chart_draws_a_panel_per_scored_set_with_markers_where_the_valu
     row = img[y]
     assert (row == _COLOURS[0]).all(axis=1).sum() >= 4 * 6  # a marker per quarter
     assert not (img[260:2 * 260] == _COLOURS[1]).all(axis=2).any()
+
+
+def test_breakdown_finds_the_objects_that_failed_from_their_0_1_alone(tmp_path, capsys):
+    from lidit.eval import breakdown
+
+    examples = scenes.PROMPT_SETS["paraphrase"].examples(7, 40)
+    # Every triangle wrong, everything else right: what a record keeps is only these 0/1.
+    rows = [[int(o.shape != "triangle") for o in e.scene.objects] for e in examples]
+    run = {"settings": {"seed": 7, "count": 40}, "paraphrase": {"object_correct": rows}}
+    by_shape = breakdown([run, run], "paraphrase", "shape")
+    objects = sum(e.scene.n for e in examples)
+    assert sum(n for n, _ in by_shape.values()) == 2 * objects  # two runs pool as two seeds
+    assert by_shape["triangle"][1].value == 0.0 and by_shape["circle"][1].value == 1.0
+    by_template = breakdown([run], "paraphrase", "template")
+    assert sum(n for n, _ in by_template.values()) == objects
+    assert {key.split(" (")[0] for key in by_template} == set(scenes.PROMPT_SETS["paraphrase"].styles)
+    record = tmp_path / "seed0.json"  # a bench record keeps its scores under "score"
+    record.write_text(json.dumps({"variant": "full", "score": run}))
+    main(["breakdown", str(record), "--by", "shape"])
+    assert "| triangle |" in capsys.readouterr().out
+    other = {**run, "settings": {"seed": 8, "count": 40}}
+    with pytest.raises(ValueError, match="other prompts"):
+        breakdown([run, other], "paraphrase", "shape")
