@@ -440,6 +440,7 @@ class SceneScore:
     shape_correct: list[list[bool]]
     readings: list[list[tuple[str, str] | None]]
     n_objects: list[int] = field(default_factory=list)
+    asked: list[list[tuple[str, str]]] = field(default_factory=list)
 
     def _mean(self, rows: list[list[bool]], keep: Callable[[int, int], bool] = lambda k, n: True) -> float:
         vals = [v for row, n in zip(rows, self.n_objects) for k, v in enumerate(row) if keep(k, n)]
@@ -485,6 +486,17 @@ class SceneScore:
         return (self._mean(self.object_correct, lambda k, n: n >= 2 and k == 0),
                 self._mean(self.object_correct, lambda k, n: n >= 2 and k == n - 1))
 
+    def misread_shapes(self) -> dict[str, int]:
+        """How often an asked shape was read as another ("square as circle"; "as none": no object):
+        where a model's drawing, rather than its reading of the prompt, fails."""
+        counts: dict[str, int] = {}
+        for asked, read in zip(self.asked, self.readings):
+            for (_, want), got in zip(asked, read):
+                if got is None or got[1] != want:
+                    key = f"{want} as {'none' if got is None else got[1]}"
+                    counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
     def summary(self) -> dict:
         first, last = self.first_vs_last()
         return {
@@ -498,6 +510,7 @@ class SceneScore:
             "by_n": {str(k): v for k, v in self.by_n().items()},
             "first_object": first,
             "last_object": last,
+            "misread_shapes": self.misread_shapes(),
         }
 
 
@@ -511,6 +524,7 @@ def score(images: Iterable[ImageLike], scenes: Sequence[Scene]) -> SceneScore:
         got = read_scene(image, scene.n)
         want = scene.pairs()
         result.readings.append(got)
+        result.asked.append(want)
         result.n_objects.append(scene.n)
         result.colour_correct.append([g is not None and g[0] == w[0] for g, w in zip(got, want)])
         result.shape_correct.append([g is not None and g[1] == w[1] for g, w in zip(got, want)])

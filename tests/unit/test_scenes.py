@@ -57,6 +57,9 @@ def test_wrong_image_scores_per_object_and_position():
     assert result.prompt_correct == [False]
     assert result.by_position()["25-50%"] == 1.0 and result.by_position()["75-100%"] == 0.0
     assert result.first_vs_last() == (1.0, 0.0)
+    assert result.summary()["misread_shapes"] == {"square as triangle": 1}
+    blank = np.full_like(wrong, S.BACKGROUND)
+    assert S.score([blank], scenes).misread_shapes() == {"circle as none": 1, "square as none": 1}
 
 
 def test_position_buckets_follow_relative_prompt_position():
