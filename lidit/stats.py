@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -88,9 +89,9 @@ def cluster_bootstrap(correct: np.ndarray, total: np.ndarray, resamples: int = R
     stats = stats[np.isfinite(stats)]  # a resample that drew no object of the kind
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(stats, [tail, 100 - tail])
-    if lo == hi and minus is None:  # all right or all wrong: every resample repeats it, which proves nothing
+    if lo == hi and minus is None:  # every resample alike (all right, all wrong): that proves nothing
         cells = int((pairs[0][1] > 0).sum())
-        bound = wilson(round(value * cells), cells)
+        bound = wilson(round(value * cells), cells, z=NormalDist().inv_cdf(1 - (1 - level) / 2))
         return Interval(float(value), bound.lo, bound.hi, f"{method}; all alike: Wilson with the {cells} "
                         "seed x prompt cells as trials")
     return Interval(float(value), float(lo), float(hi), method)
