@@ -22,8 +22,9 @@ of other settings is refused, not replaced. The work of a run not yet recorded l
   prompts, sampler and sets; anything else (a stale, foreign or unreadable file) is rescored.
 
 Outputs, beside the records: `<results>/bench.json` (settings, every run with its training stats and
-summaries, every variant's intervals and per-seed values, the differences from `full` that the
-intervals support), `<results>/table.md` (the README table) and the chart with error bars.
+summaries, every variant's intervals and per-seed values, every figure's difference from `full` with
+its interval, and the differences called), `<results>/table.md` (the README's two tables: the
+figures, and each variant minus `full`) and the chart with error bars.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ import torch
 
 from . import scenes
 from .checkpoint import load_checkpoint, read_metadata
-from .eval import differences, markdown_table, position_chart, run_values, score_model, variant_metrics
+from .eval import (called_differences, difference_table, markdown_table, position_chart, run_values, score_model,
+                   variant_differences, variant_metrics)
 from .llm import LLM, load_llm
 from .stats import RESAMPLES
 from .train import main as train_main
@@ -314,9 +316,16 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {label: variant_metrics(rows) for label, rows in scored.items()}
     seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
     table = markdown_table(variants, seeds)
-    diffs = differences(variants, VARIANTS[REFERENCE]) if VARIANTS[REFERENCE] in variants else []
-    text = table + "\n\nDifferences from full whose 95% intervals do not overlap:\n" + (
-        "\n".join(f"- {d}" for d in diffs) if diffs else "- none") + "\n"
+    reference = VARIANTS[REFERENCE]
+    diffs = {label: variant_differences(scored[label], scored[reference])
+             for label in VARIANTS.values() if label in scored and label != reference and reference in scored}
+    called, tested = called_differences(diffs, variants, reference)
+    text = table + "\n"
+    if diffs:
+        text += (f"\nEach variant minus {reference}, in points, 95% interval paired by prompt (bold: excludes 0):\n\n"
+                 f"{difference_table(diffs, reference)}\n\nDifferences from {reference} (the interval of the "
+                 f"difference excludes 0; {tested} figures tested: if no variant differed, at most about "
+                 f"{0.05 * tested:.0f} would by chance, fewer as the intervals err wide):\n" + "".join(f"- {d}\n" for d in called or ["none"]))
     (results / "table.md").write_text(text)
     position_chart(variants, Path(args.chart or out / "benchmark.png"))
     result = {
@@ -325,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs_left_out": left_out,
         "variants": {label: {"seeds": seeds[label], "metrics": {m: iv.to_dict() for m, iv in metrics.items()},
                              "per_run": per_run[label]} for label, metrics in variants.items()},
-        "differences_from_full": diffs,
+        "differences_from_full": {label: {m: iv.to_dict() for m, iv in d.items()} for label, d in diffs.items()},
+        "differences_called": called,
         "seconds_this_invocation": round(time.time() - started, 1),
         "runs_trained_this_invocation": trained,
     }

@@ -31,7 +31,7 @@ from .instruction import PromptTemplate
 from .llm import LLM, encode, load_llm
 from .model import LIDiTModel
 from .precision import DTYPE_CHOICES, parse_dtype
-from .stats import Interval, cluster_bootstrap, separated
+from .stats import Counts, Interval, cluster_bootstrap, difference, separated
 from .text import TextStates
 
 
@@ -198,13 +198,23 @@ def run_values(result: dict) -> dict[str, float]:
     return {**ratios, **{name: ratios[a] - ratios[b] for name, (a, b) in GAPS.items() if a in ratios and b in ratios}}
 
 
+def figure_counts(runs: list[dict]) -> dict[str, list[Counts]]:
+    """Every metric and gap as the counts its interval comes from: one pair, or two for a gap."""
+    counts = metric_counts(runs)
+    return {**{name: [pair] for name, pair in counts.items()},
+            **{name: [counts[a], counts[b]] for name, (a, b) in GAPS.items() if a in counts and b in counts}}
+
+
 def variant_metrics(runs: list[dict]) -> dict[str, Interval]:
     """Every metric and gap over the runs (training seeds) of one variant, with its 95% interval."""
-    counts = metric_counts(runs)
-    out = {name: cluster_bootstrap(*pair) for name, pair in counts.items()}
-    out.update({name: cluster_bootstrap(*counts[a], minus=counts[b])
-                for name, (a, b) in GAPS.items() if a in counts and b in counts})
-    return out
+    return {name: cluster_bootstrap(*fig[0], minus=fig[1] if len(fig) == 2 else None)
+            for name, fig in figure_counts(runs).items()}
+
+
+def variant_differences(runs: list[dict], reference: list[dict]) -> dict[str, Interval]:
+    """Every metric and gap of `runs` minus the reference's, paired by prompt, with its 95% interval."""
+    mine, ref = figure_counts(runs), figure_counts(reference)
+    return {name: difference(fig, ref[name]) for name, fig in mine.items() if name in ref}
 
 
 def pct(x: float) -> str:
@@ -215,9 +225,23 @@ def cell(interval: Interval | None) -> str:
     return "-" if interval is None else f"{pct(interval.value)} [{100 * interval.lo:.1f}, {100 * interval.hi:.1f}]"
 
 
+def points(interval: Interval) -> str:
+    """A difference in percentage points with its interval; bold when the interval excludes 0."""
+    text = f"{100 * interval.value:+.1f} [{100 * interval.lo:+.1f}, {100 * interval.hi:+.1f}]"
+    return f"**{text}**" if excludes_zero(interval) else text
+
+
+def excludes_zero(interval: Interval) -> bool:
+    return interval.lo > 0 or interval.hi < 0
+
+
+def _columns(variants: dict[str, dict[str, Interval]]) -> list[str]:
+    return [m for m in TABLE if any(m in v for v in variants.values())]
+
+
 def markdown_table(variants: dict[str, dict[str, Interval]], seeds: dict[str, int]) -> str:
     """One row per variant; every cell 'value [95% interval]'. Long-set columns only when scored."""
-    columns = [m for m in TABLE if any(m in v for v in variants.values())]
+    columns = _columns(variants)
     rows = ["| variant | seeds | " + " | ".join(TABLE[m] for m in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
     for label, metrics in variants.items():
@@ -225,17 +249,30 @@ def markdown_table(variants: dict[str, dict[str, Interval]], seeds: dict[str, in
     return "\n".join(rows)
 
 
-def differences(variants: dict[str, dict[str, Interval]], reference: str) -> list[str]:
-    """The metrics where a variant's interval separates from the reference's: the only differences
-    the benchmark reports."""
-    ref = variants.get(reference, {})
-    out = []
-    for label, metrics in variants.items():
-        for name, interval in metrics.items():
-            if label != reference and name in ref and separated(interval, ref[name]):
-                word = "above" if interval.value > ref[name].value else "below"
-                out.append(f"{label}: {name} {cell(interval)} is {word} {reference}'s {cell(ref[name])}")
-    return out
+def difference_table(diffs: dict[str, dict[str, Interval]], reference: str) -> str:
+    """One row per variant: each of the table's figures minus the reference's, in points."""
+    columns = _columns(diffs)
+    rows = [f"| minus {reference} | " + " | ".join(TABLE[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, metrics in diffs.items():
+        rows.append(f"| {label} | " + " | ".join(points(metrics[m]) if m in metrics else "-" for m in columns) + " |")
+    return "\n".join(rows)
+
+
+def called_differences(diffs: dict[str, dict[str, Interval]], variants: dict[str, dict[str, Interval]],
+                       reference: str) -> tuple[list[str], int]:
+    """The table's figures whose difference from the reference excludes 0: the differences the
+    benchmark reports; and how many were tested, since about 1 in 20 excludes 0 by chance alone."""
+    out, tested = [], 0
+    for label, metrics in diffs.items():
+        for name in _columns(diffs):
+            if name not in metrics:
+                continue
+            tested += 1
+            if excludes_zero(d := metrics[name]):
+                mine, ref = variants[label][name], variants[reference][name]
+                apart = "; the two intervals are apart too" if separated(mine, ref) else ""
+                out.append(f"{label}: {name} {points(d).strip('*')} points ({cell(mine)} vs {cell(ref)}{apart})")
+    return out, tested
 
 
 def report(args: argparse.Namespace) -> None:

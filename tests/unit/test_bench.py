@@ -43,6 +43,11 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
         assert interval["lo"] <= interval["value"] <= interval["hi"] and "bootstrap" in interval["method"]
     table = (out / "table.md").read_text()
     assert "| full | 1 |" in table and "| no token refiner | 1 |" in table and "6 obj: last object" in table
+    diff = saved["differences_from_full"]["no token refiner"]  # no long run of it: no 6-object difference
+    assert "paraphrases" in diff and "6 obj" not in diff and "paired" in diff["paraphrases"]["method"]
+    assert diff["paraphrases"]["value"] == pytest.approx(
+        saved["variants"]["no token refiner"]["metrics"]["paraphrases"]["value"] - full["metrics"]["paraphrases"]["value"])
+    assert "| minus full |" in table and table.count("| no token refiner |") == 2 and "figures tested" in table
     assert (tmp_path / "chart.png").stat().st_size > 1000
     long_dir = out / "runs" / "full-long" / "seed0"
     assert json.loads((long_dir / "train_config.json").read_text())["data"]["n_objects"] == [1, 2, 3, 4, 5, 6]

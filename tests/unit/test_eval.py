@@ -73,3 +73,20 @@ def test_breakdown_finds_the_objects_that_failed_from_their_0_1_alone(tmp_path, 
     other = {**run, "settings": {"seed": 8, "count": 40}}
     with pytest.raises(ValueError, match="other prompts"):
         breakdown([run, other], "paraphrase", "shape")
+
+
+def test_called_differences_are_those_whose_difference_excludes_zero():
+    from lidit.eval import called_differences, difference_table
+    from lidit.stats import Interval
+
+    iv = lambda v, lo, hi: Interval(v, lo, hi, "test")
+    variants = {"full": {"prompts": iv(0.93, 0.91, 0.95), "paraphrases": iv(0.92, 0.91, 0.94)},
+                "b": {"prompts": iv(0.90, 0.87, 0.93), "paraphrases": iv(0.86, 0.82, 0.90)}}
+    diffs = {"b": {"prompts": iv(-0.03, -0.06, 0.001), "paraphrases": iv(-0.06, -0.10, -0.02),
+                   "position 0-25%": iv(-0.05, -0.08, -0.01)}}  # not a table column: never tested
+    called, tested = called_differences(diffs, variants, "full")
+    assert tested == 2 and len(called) == 1
+    assert called[0].startswith("b: paraphrases -6.0 [-10.0, -2.0] points") and "apart too" in called[0]
+    table = difference_table(diffs, "full")
+    assert "| minus full | prompts | paraphrases (objects) |" in table
+    assert "| b | -3.0 [-6.0, +0.1] | **-6.0 [-10.0, -2.0]** |" in table

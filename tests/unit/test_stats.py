@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lidit.stats import Interval, cluster_bootstrap, separated, wilson
+from lidit.stats import Interval, cluster_bootstrap, difference, separated, wilson
 
 
 def test_wilson_matches_hand_computed_values():
@@ -85,3 +85,44 @@ def test_paired_difference_sees_what_two_overlapping_intervals_cannot():
     gap = cluster_bootstrap(first, ones, minus=(last, ones))
     assert not separated(a, b)  # apart, the two intervals overlap ...
     assert gap.value == pytest.approx(a.value - b.value) and 0 < gap.lo <= gap.value <= gap.hi  # ... paired, no
+
+
+def test_difference_between_variants_is_paired_by_prompt():
+    # Prompts differ in difficulty, shared by both variants; b loses ~5 points more. Apart, the two
+    # intervals overlap; the difference, with the prompts drawn once for both, excludes 0.
+    rng = np.random.default_rng(4)
+    ease = rng.uniform(0.5, 1.0, size=(1, 400))
+    a = (rng.random((3, 400)) < ease).astype(int)
+    b = a * (rng.random((3, 400)) > 0.06)
+    ones = np.ones_like(a)
+    ia, ib, d = cluster_bootstrap(a, ones), cluster_bootstrap(b, ones), difference([(a, ones)], [(b, ones)])
+    assert not separated(ia, ib)
+    assert d.value == pytest.approx(ia.value - ib.value) and 0 < d.lo <= d.value <= d.hi
+    assert "3 vs 3 seed(s) x 400 shared prompts" in d.method
+    # A gap (two pairs) minus another: the first-last gap of a against b's, with b's last objects lost.
+    gap = difference([(a, ones), (a, ones)], [(a, ones), (b, ones)])
+    assert gap.value == pytest.approx(-(ia.value - ib.value)) and gap.hi < 0
+    with pytest.raises(ValueError, match="same prompts"):
+        difference([(a, ones)], [(a[:, :300], ones[:, :300])])
+
+
+def test_difference_covers_zero_when_variants_are_alike_and_counts_seeds_per_variant():
+    # Two seeds each, no seed effect: the interval errs wide (resampling two seeds counts their
+    # object-level noise again as seed-to-seed spread), about 1.3x the true spread, never narrow.
+    rng = np.random.default_rng(5)
+    ease = rng.uniform(0.6, 1.0, size=(1, 150))
+    values, widths = [], []
+    for _ in range(200):
+        a, b = ((rng.random((2, 150)) < ease).astype(int) for _ in range(2))
+        iv = difference([(a, np.ones_like(a))], [(b, np.ones_like(b))], resamples=400)
+        values.append(iv.value)
+        widths.append((iv.hi - iv.lo) / (2 * 1.96))
+        assert iv.lo <= iv.value <= iv.hi
+    assert 1.0 < np.mean(widths) / np.std(values) < 1.6
+    # Seeds of one variant that disagree widen the difference; a variant may have fewer seeds.
+    base = rng.binomial(1, 0.8, size=(1, 300))
+    same, apart = np.repeat(base, 3, axis=0), np.repeat(base, 3, axis=0)
+    apart[0], apart[2] = np.maximum(base[0], rng.binomial(1, 0.5, 300)), base[0] * rng.binomial(1, 0.7, 300)
+    width = lambda iv: iv.hi - iv.lo
+    ones = np.ones((3, 300))
+    assert width(difference([(apart, ones)], [(base, ones[:1])])) > 1.5 * width(difference([(same, ones)], [(base, ones[:1])]))
