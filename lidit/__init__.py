@@ -7,7 +7,7 @@ from .config import PAPER_INSTRUCTION, DiTConfig, LIDiTConfig, LLMBranch, TextCo
 from .diffusion import sample, training_loss
 from .instruction import PromptTemplate
 from .model import LIDiTModel, parameter_counts
-from .text import TextStates
+from .states import TextStates
 
 __all__ = [
     "PAPER_INSTRUCTION", "DiTConfig", "LIDiTConfig", "LIDiTModel", "LLMBranch", "PromptTemplate", "TextConfig",

@@ -12,8 +12,8 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -117,7 +117,7 @@ class CheckpointFile:
     header: dict[str, dict]
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "CheckpointFile":
+    def open(cls, path: str | os.PathLike) -> CheckpointFile:
         name = os.path.basename(path)
         start, header, metadata = read_header(path)
         config = config_of(metadata, name)

@@ -67,7 +67,7 @@ class DiTConfig:
     """The backbone. `pos_table` adds a fixed 2D sin-cos table before the conv ResBlock.
 
     The paper uses the conv ResBlock alone; at small scale an absolute table makes layout learn
-    far faster (see the small-scale findings in the design notes), so it is a switch.
+    far faster (docs/study.md lists what was tried at small scale), so it is a switch.
     """
 
     depth: int
@@ -138,13 +138,13 @@ class LIDiTConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LIDiTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LIDiTConfig:
         text = dict(d["text"])
         text["branches"] = tuple(LLMBranch(**b) for b in text["branches"])
         return cls(**{**d, "text": TextConfig(**text), "dit": DiTConfig(**d["dit"])})
 
     @classmethod
-    def from_json(cls, s: str) -> "LIDiTConfig":
+    def from_json(cls, s: str) -> LIDiTConfig:
         return cls.from_dict(json.loads(s))
 
 

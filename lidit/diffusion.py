@@ -7,12 +7,13 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import LIDiTConfig
-from .text import PreparedBranch, TextStates
+from .states import PreparedBranch, TextStates
 
 if TYPE_CHECKING:
     from .model import LIDiTModel
@@ -66,7 +67,7 @@ def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: 
     return error.mean()
 
 
-def guided(model: "LIDiTModel", cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:
+def guided(model: LIDiTModel, cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:
     """Classifier-free guidance with cond and uncond in one batch, in the weights' dtype.
 
     The text is prepared once here, not at every step (see `TextPathway.prepare`).
@@ -84,7 +85,7 @@ def guided(model: "LIDiTModel", cond: list[TextStates], uncond: list[TextStates]
 
 
 @torch.no_grad()
-def sample(model: "LIDiTModel", config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
+def sample(model: LIDiTModel, config: LIDiTConfig, cond: list[TextStates], uncond: list[TextStates] | None,
            shape: tuple[int, ...], steps: int | None = None, cfg: float | None = None, seed: int = 0,
            device: torch.device | str = "cpu", callback: Callable[[int, int], None] | None = None,
            noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -70,7 +70,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
-class LIDiT(nn.Module):
+class LIDiTBackbone(nn.Module):
     def __init__(self, cfg: DiTConfig, context_dim: int, ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(ops=ops, dtype=dtype, device=device)

@@ -46,7 +46,7 @@ class PromptTemplate:
     chat_template: bool = True
 
     @classmethod
-    def of(cls, text: TextConfig) -> "PromptTemplate":
+    def of(cls, text: TextConfig) -> PromptTemplate:
         """The scaffolding a checkpoint was trained with."""
         return cls(text.instruction, text.system_prompt, text.chat_template)
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .instruction import PromptTemplate, tokenize_prompts
-from .text import TextStates
-
+from .states import TextStates
 
 #: a folder needs one of these for AutoTokenizer (else transformers asks for sentencepiece or tiktoken)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -142,31 +141,28 @@ def _tokenizer(path: Path, trust_remote_code: bool, files: tuple):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def _run_to_layer(llm: LLM, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
-                  check: Callable[[], None] | None = None) -> torch.Tensor:
-    """hidden_states[k]: the input of decoder layer k, caught by a hook that stops the forward.
-    `check` runs before every layer computed (a host's interrupt check: a long prompt takes a while)."""
-    loaded = len(llm.model.layers)
-    if k > loaded:
-        raise ValueError(f"{llm.name} was loaded with {loaded} of {llm.total_layers} layers; "
-                         f"hidden layer index {k} needs {k}: load it with more layers")
-
+def run_to_layer(layers: Sequence[nn.Module], k: int, forward: Callable[[], torch.Tensor],
+                 check: Callable[[], None] | None = None) -> torch.Tensor:
+    """`hidden_states[k]` of a decoder stack: `forward()` runs the decoder, and a hook catches the input
+    of `layers[k]` and stops it there, so no layer from k on is computed. With k = len(layers) it is
+    `forward()`'s own output. `check` runs before every layer computed (a host's interrupt check: a
+    long prompt takes a while). Shared by the HF path and ComfyUI's text encoders."""
     def stop(_module, args, kwargs):
-        raise _Stop(args[0] if args else kwargs["hidden_states"])
+        raise _Stop(args[0] if args else kwargs.get("hidden_states", kwargs.get("x")))
 
-    handles = [layer.register_forward_pre_hook(lambda *_: check()) for layer in llm.model.layers[:k]] if check else []
-    if k < loaded:
-        handles.append(llm.model.layers[k].register_forward_pre_hook(stop, with_kwargs=True))
+    handles = [layer.register_forward_pre_hook(lambda *_: check()) for layer in layers[:k]] if check else []
+    if k < len(layers):
+        handles.append(layers[k].register_forward_pre_hook(stop, with_kwargs=True))
     try:
-        hidden = llm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        out = forward()
     except _Stop as caught:
         return caught.hidden
     finally:
         for handle in handles:
             handle.remove()
-    if k < loaded:
-        raise RuntimeError(f"{llm.name}: decoder layer {k} was never reached")
-    return llm.final_norm(hidden) if k == llm.total_layers else hidden
+    if k < len(layers):
+        raise RuntimeError(f"decoder layer {k} was never reached")
+    return out
 
 
 @torch.no_grad()
@@ -176,6 +172,13 @@ def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: i
     `check` is called before every decoder layer (e.g. to honour a host's interrupt)."""
     batch = tokenize_prompts(llm.tokenizer, prompts, template, max_tokens)
     mask = batch.mask.to(llm.device)
-    hidden = _run_to_layer(llm, batch.input_ids.to(llm.device), mask.long(), layers_needed(llm.total_layers, layer),
-                           check)
+    k = layers_needed(llm.total_layers, layer)
+    if k > len(llm.model.layers):
+        raise ValueError(f"{llm.name} was loaded with {len(llm.model.layers)} of {llm.total_layers} layers; "
+                         f"hidden layer index {k} needs {k}: load it with more layers")
+    ids = batch.input_ids.to(llm.device)
+    hidden = run_to_layer(llm.model.layers, k, lambda: llm.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state,
+                          check)
+    if k == llm.total_layers:  # transformers norms only the very last hidden state
+        hidden = llm.final_norm(hidden)
     return TextStates(hidden.float() * mask[..., None], mask, batch.prompt.to(llm.device))

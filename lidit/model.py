@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .config import LIDiTConfig
-from .dit import LIDiT
+from .dit import LIDiTBackbone
 from .layers import Attend, Ops, TorchOps, sdpa
 from .refiner import TextPathway
-from .text import PreparedBranch, TextStates
+from .states import PreparedBranch, TextStates
 
 X_PARAM_T_MIN = 0.05  # below this the derived velocity (x_t - x0) / t would amplify errors
 
@@ -24,7 +24,7 @@ class LIDiTModel(nn.Module):
         super().__init__()
         self.config = config
         self.text = TextPathway(config.text, ops, dtype, device)
-        self.dit = LIDiT(config.dit, config.text.width, ops, dtype, device)
+        self.dit = LIDiTBackbone(config.dit, config.text.width, ops, dtype, device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates] | list[PreparedBranch],
                 attend: Attend = sdpa) -> torch.Tensor:
@@ -43,24 +43,32 @@ class LIDiTModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def init_weights(self) -> "LIDiTModel":
-        """Xavier everywhere, then zero the gates, the AdaLN outputs and the final projection.
-
-        Zero gates make every refiner an identity at the start (the paper's zero-initialised
-        gating); zero AdaLN makes every DiT block an identity (DiT's adaLN-Zero).
-        """
+    def init_weights(self) -> LIDiTModel:
+        """Xavier everywhere, N(0, 0.02) for the timestep MLPs, then zero what `zero_initialised` lists."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for name, m in self.named_modules():
-            if name.endswith((".gates", ".adaln")) or name == "dit.final.linear":
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
-            if name.endswith("t_embedder.fc1") or name.endswith("t_embedder.fc2"):
-                nn.init.normal_(m.weight, std=0.02)
+        for embedder in (self.text.t_embedder, self.dit.t_embedder):
+            nn.init.normal_(embedder.fc1.weight, std=0.02)
+            nn.init.normal_(embedder.fc2.weight, std=0.02)
+        for layer in self.zero_initialised():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         return self
+
+    def zero_initialised(self) -> list[nn.Module]:
+        """The layers that start at zero, found by attribute (a renamed attribute fails here loudly).
+
+        Zero gates make every token refiner and collaborative block an identity at the start (the
+        paper's zero-initialised gating); zero AdaLN makes every DiT block's self-attention and FFN
+        branches vanish (DiT's adaLN-Zero), and the zero final projection makes the first output 0.
+        """
+        text, dit = self.text, self.dit
+        return [*(block.gates for refiner in text.refiners for block in refiner.blocks),
+                *(block.gates for collab in text.collab for block in collab.branches),
+                *(block.adaln for block in dit.blocks), dit.final.adaln, dit.final.linear]
 
 
 def parameter_counts(config: LIDiTConfig) -> dict[str, int]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import TextConfig
 from .layers import MLP, Attend, Attention, KeyMask, Ops, Site, TimestepEmbedder, TorchOps, layer_norm, masked_mean, sdpa
-from .text import PreparedBranch, TextStates, pack_left
+from .states import PreparedBranch, TextStates, pack_left
 
 
 class FeatureNorm(nn.Module):

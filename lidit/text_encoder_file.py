@@ -18,9 +18,9 @@ then sees at training time the states users get from that file in ComfyUI.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -85,7 +85,7 @@ class TextEncoderFile:
     tokenizer: Path
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "TextEncoderFile":
+    def from_spec(cls, spec: dict) -> TextEncoderFile:
         """{"text_encoder": file, "family": name, "tokenizer": folder}, checked before anything loads."""
         want = {"text_encoder", "family", "tokenizer"}
         if set(spec) != want:

@@ -1,10 +1,10 @@
 """The pack's nodes: thin adapters that parse inputs, call `lidit`, and wrap the outputs."""
 from .clip_text import LIDiTInstructedEncodeCLIP
 from .encode import LIDiTInstructedEncode
-from .llm import LIDiTLLMLoader
-from .model import LIDiTLoader
+from .fusion import LIDiTCollaborativeFusion, LIDiTTokenRefiner
+from .llm_loader import LIDiTLLMLoader
+from .model_loader import LIDiTLoader
 from .sample import LIDiTSampler
-from .text import LIDiTCollaborativeFusion, LIDiTTokenRefiner
 
 NODE_CLASS_MAPPINGS = {
     "LIDiTLLMLoader": LIDiTLLMLoader,

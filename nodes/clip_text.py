@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,19 +25,14 @@ from comfy.text_encoders.llama import BaseLlama
 from comfy.text_encoders.spiece_tokenizer import SPieceTokenizer
 
 from ..lidit.instruction import CHAT_TEMPLATES, PromptTemplate, WithChatTemplate, tokenize_prompts
-from ..lidit.llm import layers_needed
-from ..lidit.text import TextStates
+from ..lidit.llm import layers_needed, run_to_layer
+from ..lidit.states import TextStates
 from .encode import BranchIdentity, EncodedText, EncodeNode, encoded, prompt_inputs, prompt_template
 
 #: what a user can load, for the error a CLIP without a decoder LLM gets (ComfyUI 0.3.75's decoder LLMs)
 SUPPORTED = ("Gemma-2-2B (Lumina 2, gemma2_2b), Gemma-3-4B (gemma3_4b), Llama-3.1-8B (HiDream, llama), "
              "Qwen2.5-3B (OmniGen2, qwen25_3b), Qwen2.5-VL-7B (Qwen-Image, qwen25_7b), Qwen3-4B (Z-Image, qwen3_4b), "
              "Mistral-3-24B (Flux 2, mistral3_24b)")
-
-
-class _Stop(Exception):
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.hidden = hidden
 
 
 TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
@@ -150,31 +145,13 @@ def find_llm(clip, encoder: str) -> ClipLLM:
                      f"(all it holds: {describe_clip(clip)}). Set encoder to one of those, or auto.")
 
 
-def run_to_layer(transformer: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
-                 check: Callable[[], None] | None = None) -> torch.Tensor:
+def run_clip_to_layer(transformer: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
+                      check: Callable[[], None] | None = None) -> torch.Tensor:
     """`hidden_states[k]` of a ComfyUI decoder, computed as SDClipModel computes (float32 embeddings
-    and activations; comfy.ops casts each weight): the input of layer k, caught by a hook that stops
-    the forward, or for k = the layer count the whole stack with its final norm."""
-    layers = transformer.model.layers
-
-    def stop(_module, args, kwargs):
-        raise _Stop(kwargs["x"] if "x" in kwargs else args[0])
-
-    handles = [layer.register_forward_pre_hook(lambda *_: check()) for layer in layers[:k]] if check else []
-    if k < len(layers):
-        handles.append(layers[k].register_forward_pre_hook(stop, with_kwargs=True))
+    and activations; comfy.ops casts each weight); for k = the layer count, with its final norm."""
     embeds = transformer.get_input_embeddings()(input_ids, out_dtype=torch.float32)
-    try:
-        out = transformer(None, attention_mask=mask.long(), embeds=embeds, num_tokens=mask.sum(1).tolist(),
-                          dtype=torch.float32)
-    except _Stop as caught:
-        return caught.hidden
-    finally:
-        for handle in handles:
-            handle.remove()
-    if k < len(layers):
-        raise RuntimeError(f"decoder layer {k} was never reached")
-    return out[0]
+    return run_to_layer(transformer.model.layers, k, lambda: transformer(
+        None, attention_mask=mask.long(), embeds=embeds, num_tokens=mask.sum(1).tolist(), dtype=torch.float32)[0], check)
 
 
 @torch.no_grad()
@@ -186,7 +163,7 @@ def encode_states(llm: ClipLLM, prompts: list[str], template: PromptTemplate, ma
     device = llm.transformer.get_input_embeddings().weight.device
     mask = batch.mask.to(device)
     ids = batch.input_ids.masked_fill(~batch.mask, llm.pad_id).to(device)
-    hidden = run_to_layer(llm.transformer, ids, mask, layers_needed(llm.num_layers, layer), check)
+    hidden = run_clip_to_layer(llm.transformer, ids, mask, layers_needed(llm.num_layers, layer), check)
     return TextStates(hidden.float() * mask[..., None], mask, batch.prompt.to(device))
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import comfy.conds
 
-from ..lidit.text import PreparedBranch, TextStates
+from ..lidit.states import PreparedBranch, TextStates
 
 MASK = "lidit_mask"
 PROMPT = "lidit_prompt"
@@ -78,13 +78,13 @@ class CONDText(comfy.conds.CONDRegular):
     prompt and its negative run in one forward (CONDRegular concatenates only equal shapes).
     """
 
-    def process_cond(self, batch_size: int, **kwargs) -> "CONDText":
+    def process_cond(self, batch_size: int, **kwargs) -> CONDText:
         return self._copy_with(tuple(b.repeat_to(batch_size) for b in self.cond))
 
-    def can_concat(self, other: "CONDText") -> bool:
+    def can_concat(self, other: CONDText) -> bool:
         return len(self.cond) == len(other.cond) and self.cond[0].tokens.device == other.cond[0].tokens.device
 
-    def concat(self, others: list["CONDText"]) -> tuple[PreparedBranch, ...]:
+    def concat(self, others: list[CONDText]) -> tuple[PreparedBranch, ...]:
         rows = [self.cond, *(o.cond for o in others)]
         return tuple(PreparedBranch.cat([r[k] for r in rows]) for k in range(len(self.cond)))
 

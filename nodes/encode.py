@@ -15,8 +15,8 @@ import comfy.model_management as mm
 
 from ..lidit.instruction import INSTRUCTION_PRESETS, PromptTemplate, resolve_instruction
 from ..lidit.llm import encode
-from ..lidit.text import TextStates
-from .llm import LoadedLLM
+from ..lidit.states import TextStates
+from .llm_loader import LoadedLLM
 
 
 @dataclass(frozen=True)

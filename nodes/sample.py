@@ -8,10 +8,11 @@ import torch
 
 import comfy.model_management as mm
 import comfy.samplers
+
 from nodes import MAX_RESOLUTION, common_ksampler  # ComfyUI's nodes.py, not this pack's package
 
 from ..lidit.config import LIDiTConfig
-from .model import DOWNSCALE, lidit_config_of
+from .host_model import DOWNSCALE, lidit_config_of
 
 ASPECTS = ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"]
 

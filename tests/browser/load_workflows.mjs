@@ -30,7 +30,7 @@ const FLAGS = [
 ];
 
 // Console errors that a plain page load logs with no custom nodes at all (measured with
-// frontend 1.32.9, see shared/design/comfyui-host.md). They say nothing about workflows.
+// frontend 1.32.9). They say nothing about workflows.
 const HARMLESS = [
   // user.css, userdata files of a new user
   /^Failed to load resource: the server responded with a status of 404/,

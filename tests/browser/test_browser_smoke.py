@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from harness import ComfyServer, image_size
 
 pytestmark = [pytest.mark.browser, pytest.mark.host]

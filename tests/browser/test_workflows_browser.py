@@ -9,12 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import requests
-
 import graphs
 import harness
 import lidit_assets
+import pytest
+import requests
 from harness import ComfyServer, image_size
 
 pytestmark = [pytest.mark.browser, pytest.mark.host]

@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from harness import ComfyServer
 
 _LOG_MARK = pytest.StashKey[int]()
@@ -24,9 +23,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> ComfyServer:
-    """The session's ComfyUI (see harness.session_server); the pack is linked if it has __init__.py."""
-    pytestconfig.add_cleanup(harness.stop_session_server)
-    return harness.session_server(tmp_path_factory.getbasetemp() / "comfy")
+    """The ComfyUI server of the test run (see harness.shared_server); the pack is linked if it has __init__.py."""
+    pytestconfig.add_cleanup(harness.stop_shared_server)
+    return harness.shared_server(tmp_path_factory.getbasetemp() / "comfy")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     outcome = yield
     rep = outcome.get_result()
-    server = harness._SESSION
+    server = harness._SERVER
     if server is None or "comfy_server" not in getattr(item, "fixturenames", ()):
         return
     if rep.when == "setup":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import REPO_ROOT
+
 from lidit.config import LIDiTConfig
 
 WORKFLOWS = REPO_ROOT / "workflows"

@@ -5,7 +5,7 @@ graphs, caches, streams progress and can interrupt it. Mocks of ComfyUI drift; t
 does not. ComfyUI comes from ``scripts/provision.sh`` (``.comfyui/ComfyUI``) or from
 ``$COMFYUI_DIR``.
 
-One server is shared by the whole pytest run (:func:`session_server`): it takes ~10 s to
+One server is shared by the whole pytest run (:func:`shared_server`): it takes ~10 s to
 start and ~0.5 GB of RAM, so each test must make its prompts unique (vary a seed or a
 filename prefix) when it needs a node to re-execute rather than come from the cache.
 
@@ -32,8 +32,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import requests
 import websocket  # websocket-client
@@ -41,9 +42,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-LI-DiT"
-#: Model folder keys the session server registers under its own tmp models dir.
+#: Model folder keys the shared server registers under its own tmp models dir.
 MODEL_FOLDER_KEYS = ("diffusion_models", "LLM", "text_encoders", "vae", "checkpoints", "loras")
-#: test-only custom-node modules the session server loads (a tiny text encoder for CLIPLoader)
+#: test-only custom-node modules the shared server loads (a tiny text encoder for CLIPLoader)
 SERVER_NODES = Path(__file__).with_name("server_nodes")
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
@@ -153,7 +154,7 @@ class ComfyServer:
         self.extra_model_paths_configs = [Path(p) for p in extra_model_paths_configs]
         self.extra_args = list(extra_args)
         self.client_id = uuid.uuid4().hex
-        #: set by session_server(): ``models_dir / key`` is registered for each MODEL_FOLDER_KEYS
+        #: set by shared_server(): ``models_dir / key`` is registered for each MODEL_FOLDER_KEYS
         self.models_dir: Path | None = None
         self.pack_linked = False
         self.proc: subprocess.Popen[bytes] | None = None
@@ -283,7 +284,7 @@ class ComfyServer:
         if self._ws_thread is not None:
             self._ws_thread.join(timeout=5)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         self.start()
         return self
 
@@ -487,12 +488,12 @@ class ComfyServer:
         return files
 
 
-# ---------------------------------------------------------------------- session singleton
-_SESSION: ComfyServer | None = None
-_SESSION_ERROR: str | None = None
+# ---------------------------------------------------------------------- one server per test run
+_SERVER: ComfyServer | None = None
+_SERVER_ERROR: str | None = None
 
 
-def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServer:
+def shared_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServer:
     """The one server of this test process, started on first use.
 
     Every fixture that needs a server (host and browser tests) goes through here, so a
@@ -501,13 +502,13 @@ def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServe
     plus the YAML files listed in ``$LIDIT_EXTRA_MODEL_PATHS`` (os.pathsep-separated), e.g.
     to run the host tests against real weights.
     """
-    global _SESSION, _SESSION_ERROR
-    if _SESSION_ERROR is not None:
-        raise ComfyError(f"the session ComfyUI server failed to start earlier:\n{_SESSION_ERROR}")
-    if _SESSION is not None:
-        if _SESSION.proc is None:
-            raise ComfyError("the session ComfyUI server was already stopped")
-        return _SESSION
+    global _SERVER, _SERVER_ERROR
+    if _SERVER_ERROR is not None:
+        raise ComfyError(f"the shared ComfyUI server failed to start earlier:\n{_SERVER_ERROR}")
+    if _SERVER is not None:
+        if _SERVER.proc is None:
+            raise ComfyError("the shared ComfyUI server was already stopped")
+        return _SERVER
     models = Path(workdir) / "models"
     extra = [Path(p) for p in os.environ.get("LIDIT_EXTRA_MODEL_PATHS", "").split(os.pathsep) if p]
     server = ComfyServer(
@@ -516,21 +517,21 @@ def session_server(workdir: Path, *, start_timeout: float = 180.0) -> ComfyServe
         extra_model_paths_configs=extra,
     )
     server.models_dir = models
-    _SESSION = server
+    _SERVER = server
     try:
         server.start(timeout=start_timeout)
         if server.pack_import_failed():
             server.stop()
             raise ServerStartError(f"ComfyUI could not import the {PACK_NAME} pack\n" + server.log_text(tail=80))
     except Exception as e:
-        _SESSION_ERROR = f"{type(e).__name__}: {e}"
+        _SERVER_ERROR = f"{type(e).__name__}: {e}"
         raise
     return server
 
 
-def stop_session_server() -> None:
-    if _SESSION is not None:
-        _SESSION.stop()
+def stop_shared_server() -> None:
+    if _SERVER is not None:
+        _SERVER.stop()
 
 
 # ---------------------------------------------------------------------- browser

@@ -15,7 +15,6 @@ import sys
 from types import ModuleType
 
 import torch
-
 from harness import REPO_ROOT, find_comfyui_dir
 
 PACK_MODULE = "comfyui_lidit"
@@ -46,18 +45,18 @@ def load_pack() -> ModuleType:
 
 
 def sub(name: str) -> ModuleType:
-    """A module of the loaded pack, e.g. sub('nodes.model') or sub('lidit.text')."""
+    """A module of the loaded pack, e.g. sub('nodes.host_model') or sub('lidit.states')."""
     return importlib.import_module(f"{PACK_MODULE}.{name}")
 
 
 def load_llms(names: list[str], dtype: str = "fp32") -> list:
-    loader = sub("nodes.llm").LIDiTLLMLoader()
+    loader = sub("nodes.llm_loader").LIDiTLLMLoader()
     return [loader.load(name, dtype, "default")[0] for name in names]
 
 
 def conditioning(model, llms: list, text: str) -> list:
     """Instructed Encode per LLM with the checkpoint's template, then Collaborative Fusion."""
-    nodes_text, encode = sub("nodes.text"), sub("nodes.encode").LIDiTInstructedEncode()
+    nodes_text, encode = sub("nodes.fusion"), sub("nodes.encode").LIDiTInstructedEncode()
     config = nodes_text.lidit_config_of(model)
     t = config.text
     instruction = "custom" if t.instruction else "none"
@@ -76,8 +75,8 @@ def ksample(model, positive: list, negative: list, seed: int = 0, steps: int | N
     """What KSampler runs (comfy.sample.sample), at the checkpoint's defaults unless given; the latent."""
     import comfy.sample
 
-    config = sub("nodes.model").lidit_config_of(model)
-    side = (size or config.resolution) // sub("nodes.model").DOWNSCALE[config.latent_format]
+    config = sub("nodes.host_model").lidit_config_of(model)
+    side = (size or config.resolution) // sub("nodes.host_model").DOWNSCALE[config.latent_format]
     latent = torch.zeros(batch, config.dit.in_channels, side, side)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps or config.steps, cfg or config.cfg, sampler, scheduler,

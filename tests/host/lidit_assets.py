@@ -22,12 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from harness import REPO_ROOT
+
 from lidit.checkpoint import read_config
 from lidit.config import LIDiTConfig, LLMBranch
-from tests.fixtures_models import (TINY_QWEN3, build_tiny_checkpoint, build_tiny_llm, build_tiny_qwen3_te, llm_branch,
-                                   tiny_config)
+from tests.fixtures_models import (
+    TINY_QWEN3,
+    build_tiny_checkpoint,
+    build_tiny_llm,
+    build_tiny_qwen3_te,
+    llm_branch,
+    tiny_config,
+)
 
 SMOL, GEMMA = "SmolLM2-135M-Instruct", "gemma-3-270m"
 #: name -> (arch, hidden, chat template) of the tiny stand-in

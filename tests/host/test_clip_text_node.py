@@ -5,10 +5,9 @@ sampler. The same graph runs on the real server as workflows/lidit_clip_text_enc
 """
 from __future__ import annotations
 
+import inproc
 import pytest
 import torch
-
-import inproc
 
 PROMPT = "a red circle and a blue square"
 LONGER = "a white circle, an orange square, a red triangle and a blue circle"
@@ -19,11 +18,12 @@ ARGS = dict(encoder="auto", instruction="paper", custom_instruction="", system_p
 @pytest.fixture(scope="module")
 def tiny_te(pack, tmp_path_factory) -> dict:
     """{'clip': a stock CLIPLoader CLIP of the tiny Qwen3, 'ckpt': a checkpoint for it, 'root': folder}."""
-    import folder_paths
-    import nodes as comfy_nodes
-    from server_nodes import lidit_tiny_text_encoders as tiny
     from safetensors.torch import load_file
+    from server_nodes import lidit_tiny_text_encoders as tiny
 
+    import folder_paths
+
+    import nodes as comfy_nodes
     from tests.fixtures_models import build_tiny_checkpoint, build_tiny_qwen3_te, tiny_config
 
     root = tmp_path_factory.mktemp("clip_te")
@@ -95,7 +95,7 @@ def test_prompt_span_padding_invariance_and_exact_instruction_drop(tiny_te) -> N
     assert both.hidden.shape[1] > n and not both.hidden[0, n:].any()
     torch.testing.assert_close(both.hidden[:1, :n], out.states.hidden, atol=1e-5, rtol=1e-5)
     # the instruction drop: after the collaborative refiner only the prompt's own tokens remain
-    net = inproc.sub("nodes.model").build_lidit(str(tiny_te["ckpt"]), torch.float32, None,
+    net = inproc.sub("nodes.host_model").build_lidit(str(tiny_te["ckpt"]), torch.float32, None,
                                                 torch.device("cpu")).model.diffusion_model
     t = torch.tensor([0.4, 0.4])
     alone = net.text(net.text.prepare([out.states], torch.float32), t[:1])
@@ -108,7 +108,7 @@ def test_prompt_span_padding_invariance_and_exact_instruction_drop(tiny_te) -> N
 def test_fusion_checks_the_hidden_size_and_the_graph_samples(tiny_te, tmp_path) -> None:
     from tests.fixtures_models import build_tiny_checkpoint, tiny_config
 
-    text, model_mod = inproc.sub("nodes.text"), inproc.sub("nodes.model")
+    text, model_mod = inproc.sub("nodes.fusion"), inproc.sub("nodes.host_model")
     pos, neg = (text.LIDiTTokenRefiner().route(encode(tiny_te["clip"], p), -1)[0] for p in (PROMPT, ""))
     model = model_mod.build_lidit(str(tiny_te["ckpt"]), torch.float32, None, torch.device("cpu"))
     (positive,), (negative,) = (text.LIDiTCollaborativeFusion().fuse(model, b) for b in (pos, neg))
@@ -122,9 +122,11 @@ def test_fusion_checks_the_hidden_size_and_the_graph_samples(tiny_te, tmp_path) 
 
 
 def test_encoder_names_and_a_clip_without_a_decoder_llm_get_clear_errors(tiny_te) -> None:
-    import folder_paths
-    import nodes as comfy_nodes
     from safetensors.torch import save_file
+
+    import folder_paths
+
+    import nodes as comfy_nodes
 
     with pytest.raises(ValueError, match=r"no LLM named 'gemma2_2b'; it holds the LLMs \['qwen3_4b'\]"):
         encode(tiny_te["clip"], PROMPT, encoder="gemma2_2b")
@@ -145,6 +147,7 @@ def test_gemma_sentencepiece_tokenizer_gets_gemmas_chat_format(pack) -> None:
     import io
 
     import sentencepiece as spm
+
     from comfy.text_encoders.spiece_tokenizer import SPieceTokenizer
 
     from tests.fixtures_models import CORPUS

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import inproc
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import inproc
 from tests.fixtures_models import tiny_tokenizer
 
 PROMPTS = ["a red circle", "a white circle, an orange square, a red triangle and a blue circle"]
@@ -60,9 +60,10 @@ def comfy_config(hf):
 
 def comfy_decoder(folder: Path):
     """The HF folder's weights in ComfyUI's decoder (Llama2_ with comfy.ops, as a CLIP builds it)."""
+    from transformers import AutoConfig
+
     import comfy.ops
     from comfy.text_encoders.llama import BaseLlama, Llama2_
-    from transformers import AutoConfig
 
     class Decoder(BaseLlama, torch.nn.Module):
         def __init__(self, config) -> None:
@@ -119,7 +120,7 @@ def assert_same_states(hf_states, clip_states, atol: float, rtol: float) -> floa
     """Same masks and spans; states within atol + rtol * |HF state|. Returns the largest relative gap."""
     assert torch.equal(hf_states.mask, clip_states.mask) and torch.equal(hf_states.prompt, clip_states.prompt)
     torch.testing.assert_close(clip_states.hidden, hf_states.hidden, atol=atol, rtol=rtol)
-    return float(((clip_states.hidden - hf_states.hidden).abs().max() / hf_states.hidden.abs().max()))
+    return float((clip_states.hidden - hf_states.hidden).abs().max() / hf_states.hidden.abs().max())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3"])
@@ -161,14 +162,15 @@ TE_FAMILIES = {"llama": "Llama2Config", "qwen25_3b": "Qwen25_3BConfig", "qwen25_
 
 @pytest.mark.parametrize("family", TE_FAMILIES)
 def test_trainer_reads_a_text_encoder_file_as_comfyuis_class_runs_it(pack, tmp_path, family) -> None:
-    """Item 3 of issue 11: a file written from ComfyUI's own class (its constants untouched: head_dim,
+    """A file written from ComfyUI's own class (its constants untouched: head_dim,
     rope theta, eps, activation, no soft-capping or window; only the sizes small) gives through
     lidit.text_encoder_file the states ComfyUI's class gives. Tolerance as for the tiny models above;
     measured max |diff| / max |state| <= 3.9e-7 at layers 0, -3, -1 (Gemma-2: 0). Changing one family
     constant (Llama's eps 1e-5 -> 1e-6, Gemma-2's rope theta 1e4 -> 1e5) fails it."""
+    from safetensors.torch import save_file
+
     import comfy.ops
     import comfy.text_encoders.llama as llama
-    from safetensors.torch import save_file
 
     clip_text = inproc.sub("nodes.clip_text")
     tef = inproc.sub("lidit.text_encoder_file")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lidit import scenes
+from lidit.study import scenes
 
 REPO = Path(__file__).resolve().parents[2]
 LLMS = REPO / "models" / "LLM"

@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 import shutil
 
+import inproc
+import lidit_assets as assets
 import pytest
 import torch
 from safetensors.torch import save_file
-
-import inproc
-import lidit_assets as assets
 from test_nodes import DIT, FUSE_NEG, FUSE_POS, SAMPLER, SMOL_LOADER, assert_still_serving, failure, paper
 
 CPU = torch.device("cpu")
@@ -19,7 +18,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny(pack, tiny_pack_assets):
-    build = inproc.sub("nodes.model").build_lidit
+    build = inproc.sub("nodes.host_model").build_lidit
     return {"model": build(str(tiny_pack_assets["checkpoint"]), torch.float32, None, CPU),
             "llms": inproc.load_llms(tiny_pack_assets["llms"])}
 
@@ -259,7 +258,8 @@ def test_the_network_guard_refuses_and_reports_outside_connections(tmp_path) -> 
             "for where in (('192.0.2.1', 80), ('huggingface.co', 443)):\n"
             "    try: socket.create_connection(where, timeout=1)\n"
             "    except OSError as e: print('refused', where[0])\n"
-            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname()); print('loopback ok')\n")
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname())\n"
+            "print('loopback ok')\n")
     guard = str(inproc.REPO_ROOT / "tests" / "host" / "netguard")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=guard))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from harness import ComfyServer, PromptRejected, image_size
 
 pytestmark = pytest.mark.host

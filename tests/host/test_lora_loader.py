@@ -1,12 +1,12 @@
 """An LI-DiT LoRA through ComfyUI's stock LoraLoaderModelOnly: every key maps (no "lora key not
 loaded"), strength 0 gives the base image bit for bit, strength 1 changes it."""
+import lidit_assets as assets
 import numpy as np
 import torch
+from test_nodes import DIT, SAMPLER, SAVE, paper, png_array
 
-import lidit_assets as assets
 from lidit.checkpoint import load_checkpoint
 from lidit.lora import LoRAConfig, add_lora, save_lora
-from test_nodes import DIT, SAMPLER, SAVE, paper, png_array
 
 NAME = "lidit-test-lora.safetensors"
 

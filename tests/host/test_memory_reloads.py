@@ -4,9 +4,8 @@ assets. The reading after the first reload is the reference; the goal is to stay
 (it grew 13 MB, ~0.8%, per cycle while each load made a new tokenizer)."""
 from pathlib import Path
 
-import pytest
-
 import graphs
+import pytest
 from harness import REPO_ROOT, ComfyServer
 from test_demo import CASES
 

@@ -2,15 +2,15 @@
 caching, interrupt, and the errors a user sees for a bad graph."""
 from __future__ import annotations
 
+import graphs
+import lidit_assets as assets
 import numpy as np
 import pytest
 import torch
+from harness import ComfyServer, PromptRejected, image_size
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import graphs
-import lidit_assets as assets
-from harness import ComfyServer, PromptRejected, image_size
 from lidit.checkpoint import load_checkpoint, read_config
 from lidit.diffusion import sample
 from lidit.instruction import PromptTemplate
@@ -71,7 +71,7 @@ def test_stock_sampling_reproduces_lidits_own_sampler(ckpt, scheduler, comfy_ser
 
     torch.set_num_threads(1)
     prompt = graph[POS_SMOL]["inputs"]
-    template = PromptTemplate(config.text.instruction, config.text.system_prompt, config.text.chat_template)
+    template = PromptTemplate.of(config.text)
     cond, uncond = [], []
     for branch in config.text.branches:
         llm = load_llm(lidit_assets.llm_dirs[branch.name], layer=branch.layer)

@@ -8,12 +8,12 @@ KSampler's path, at the checkpoint's cfg (> 1), so the host's cond casting appli
 """
 from __future__ import annotations
 
+import inproc
 import numpy as np
 import pytest
 import torch
 
-import inproc
-from lidit import scenes
+from lidit.study import scenes
 
 PROMPT = "a red circle and a blue square"
 CPU = torch.device("cpu")
@@ -26,7 +26,7 @@ def pixels(latent: torch.Tensor) -> np.ndarray:
 @pytest.fixture(scope="module")
 def demo(pack, demo_assets):
     """The demo in fp32 with its prompts encoded by the real LLMs (fp32), and its fp32 image."""
-    build = inproc.sub("nodes.model").build_lidit
+    build = inproc.sub("nodes.host_model").build_lidit
     model = build(str(demo_assets["checkpoint"]), torch.float32, None, CPU)
     llms = inproc.load_llms(demo_assets["llms"], "fp32")
     pos, neg = (inproc.conditioning(model, llms, text) for text in (PROMPT, ""))
@@ -69,7 +69,7 @@ def test_fp8_storage_draws_the_same_objects_as_fp32(demo, storage) -> None:
     (False, "default", (torch.float32, None)), (False, "bf16", (torch.bfloat16, torch.float32)),
 ])
 def test_cpu_dtypes_use_native_bf16_and_never_compute_in_fp16(pack, monkeypatch, native, option, want) -> None:
-    model = inproc.sub("nodes.model")
+    model = inproc.sub("nodes.host_model")
     monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
     assert model.inference_dtypes(option, torch.float32, 10**6, CPU) == want
 
@@ -77,7 +77,7 @@ def test_cpu_dtypes_use_native_bf16_and_never_compute_in_fp16(pack, monkeypatch,
 def test_llm_auto_dtype_never_picks_fp16(pack, monkeypatch) -> None:
     import comfy.model_management as mm
 
-    llm = inproc.sub("nodes.llm")
+    llm = inproc.sub("nodes.llm_loader")
     monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: False)  # a GPU without bf16 (T4)
     monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: True)
     assert llm.auto_dtype(torch.device("cuda")) == torch.float32
@@ -94,7 +94,7 @@ def test_partial_loading_streams_every_weight_and_gives_the_same_output(pack, ti
     offload device and fail with a device mismatch on a GPU."""
     from comfy.model_patcher import ModelPatcher
 
-    build = inproc.sub("nodes.model").build_lidit
+    build = inproc.sub("nodes.host_model").build_lidit
     llms = inproc.load_llms(tiny_pack_assets["llms"])
     full = build(str(tiny_pack_assets["checkpoint"]), torch.float32, None, CPU)
     partial = build(str(tiny_pack_assets["checkpoint"]), torch.float32, None, CPU)

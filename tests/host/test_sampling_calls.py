@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import logging
 
+import inproc
 import pytest
 import torch
-
-import inproc
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def tiny(pack, tiny_pack_assets):
-    build = inproc.sub("nodes.model").build_lidit
+    build = inproc.sub("nodes.host_model").build_lidit
     model = build(str(tiny_pack_assets["checkpoint"]), torch.float32, None, torch.device("cpu"))
     llms = inproc.load_llms(tiny_pack_assets["llms"])
     long_, short = (inproc.conditioning(model, llms, text)
@@ -37,7 +36,7 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
 
 def test_cfg_runs_prompt_and_negative_in_one_forward_per_step(tiny, monkeypatch) -> None:
-    net = inproc.sub("nodes.model").LIDiTNet
+    net = inproc.sub("nodes.host_model").LIDiTHostNet
     calls = count_calls(monkeypatch, net, "forward")
     batched = inproc.ksample(tiny["model"], tiny["pos"], tiny["neg"], steps=STEPS, cfg=3.0)
     assert calls == [2] * STEPS
@@ -116,7 +115,8 @@ def test_conditioning_zero_out_means_no_text(tiny) -> None:
     ("posixpath", "/m/LLM", "llama", True), ("posixpath", "/m/LLM", "../x", False), ("posixpath", "/m/LLM", "a/b", False),
     ("posixpath", "/m/LLM", "/etc", False), ("posixpath", "/m/LLM", ".", False), ("posixpath", "/m/LLM", "", False),
     ("ntpath", "C:\\m\\LLM", "llama", True), ("ntpath", "C:\\m\\LLM", "C:foo", False), ("ntpath", "C:\\m\\LLM", "D:foo", False),
-    ("ntpath", "C:\\m\\LLM", "..\\x", False), ("ntpath", "C:\\m\\LLM", "a\\b", False), ("ntpath", "C:\\m\\LLM", "\\\\host\\share", False),
+    ("ntpath", "C:\\m\\LLM", "..\\x", False), ("ntpath", "C:\\m\\LLM", "a\\b", False),
+    ("ntpath", "C:\\m\\LLM", "\\\\host\\share", False),
 ])
 def test_llm_names_resolve_strictly_inside_their_folder(pack, path, root, name, ok) -> None:
     import importlib
@@ -127,6 +127,7 @@ def test_llm_names_resolve_strictly_inside_their_folder(pack, path, root, name, 
 
 def test_pack_checkpoints_are_listed_only_by_the_lidit_loader(pack) -> None:
     import folder_paths
+
     import nodes
 
     folders = inproc.sub("nodes.folders")
@@ -134,6 +135,6 @@ def test_pack_checkpoints_are_listed_only_by_the_lidit_loader(pack) -> None:
     assert bundled
     stock = nodes.UNETLoader.INPUT_TYPES()["required"]["unet_name"][0]
     assert not set(bundled) & set(stock) and not set(bundled) & set(folder_paths.get_filename_list("diffusion_models"))
-    ours = inproc.sub("nodes.model").LIDiTLoader.INPUT_TYPES()["required"]["ckpt_name"][0]
+    ours = inproc.sub("nodes.model_loader").LIDiTLoader.INPUT_TYPES()["required"]["ckpt_name"][0]
     assert set(bundled) <= set(ours)
     assert folders.resolve_checkpoint(bundled[0]) == folders.PACK_CHECKPOINT_DIR / bundled[0]

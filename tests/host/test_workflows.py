@@ -5,9 +5,8 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 import graphs
+import pytest
 import ui_workflow
 from harness import ComfyServer, image_size
 
@@ -29,7 +28,8 @@ def test_workflow_runs_and_saves_an_image_of_the_requested_size(
     assert "execution_success" in types and "execution_error" not in types, types
     [save] = graphs.find(graph, "SaveImage")
     [png] = comfy_server.output_images(entry, node_id=save)
-    config = lidit_assets.config(graphs.checkpoint_of(graph, graphs.source(graph, graphs.source(graph, save, "images"), "samples")))
+    sampler = graphs.source(graph, graphs.source(graph, save, "images"), "samples")
+    config = lidit_assets.config(graphs.checkpoint_of(graph, sampler))
     assert image_size(png) == graphs.image_size(graph, save, config)
     progress = graphs.progress_by_node(comfy_server.events(pid))
     samplers = [nid for t in graphs.SAMPLER_TYPES for nid in graphs.find(graph, t)]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lidit.__main__ import main
 from lidit.checkpoint import save_checkpoint
+from lidit.cli import main
 from lidit.config import preset
 from lidit.model import LIDiTModel
 

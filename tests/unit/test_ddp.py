@@ -1,6 +1,6 @@
 """Two real processes under torchrun on CPU (gloo): DDP and FSDP2 end with identical weights on every rank.
 
-One torchrun launch runs the `python -m lidit.train` entry point six times in the same two processes
+One torchrun launch runs the `python -m lidit train` entry point six times in the same two processes
 (DDP; DDP for 2 steps and resumed for 2 more, saving asynchronously; FSDP for 2 steps; FSDP resumed for 2 more;
 FSDP with the bf16 mixed-precision policy): starting Python, torch and the process group once
 keeps this file well under a minute on a busy 2-core machine. The resume states they save (DCP) are then
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys
 import torch.distributed as dist
-from lidit.train import main
+from lidit.train.cli import main
 dist.init_process_group("gloo")
 config, out = sys.argv[1], sys.argv[2]
 main(["--config", config, f"output_dir={out}/ddp"])

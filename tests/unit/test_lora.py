@@ -9,7 +9,7 @@ from lidit.checkpoint import load_checkpoint
 from lidit.config import preset
 from lidit.lora import LoRAConfig, LoRALinear, add_lora, save_lora
 from lidit.model import LIDiTModel
-from lidit.text import TextStates
+from lidit.states import TextStates
 from tests.fixtures_models import build_tiny_checkpoint
 from tests.unit.test_train import config, quiet_train
 

@@ -5,12 +5,12 @@ import torch
 
 from lidit.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
-from lidit.features import FeatureTable
+from lidit.data.features import FeatureTable
 from lidit.instruction import PromptTemplate
 from lidit.llm import encode
 from lidit.model import LIDiTModel, parameter_counts
 from lidit.refiner import FeatureNorm, LinguisticTokenRefiner
-from lidit.text import PreparedBranch, TextStates
+from lidit.states import PreparedBranch, TextStates
 
 PLAIN = PromptTemplate(chat_template=False)
 
@@ -45,6 +45,21 @@ def test_refiner_with_zero_gates_returns_its_input_exactly(tiny_llms):
     refined, _ = refiner(branch, model.text.t_embedder(torch.tensor([0.5]), torch.float32))
     assert torch.equal(branch.tokens, refiner.input_proj(refiner.feature_norm(text.hidden)))
     assert torch.equal(refined, branch.tokens)
+
+
+def test_zero_init_finds_every_gate_and_modulation_by_attribute(tiny_llms):
+    """The zero-initialised layers are listed by attribute: renaming one breaks `init_weights` here,
+    instead of leaving a gate at random (which no shape check would notice)."""
+    cfg = tiny()
+    model = LIDiTModel(cfg).init_weights()
+    layers = model.zero_initialised()
+    branches = len(cfg.text.branches)
+    assert len(layers) == branches * (cfg.text.refiner_depth + cfg.text.collab_depth) + cfg.dit.depth + 2
+    zeroed = {id(p) for m in layers for p in m.parameters()}
+    matrices = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    assert {n for n, p in matrices.items() if not p.any()} == {n for n, p in matrices.items() if id(p) in zeroed}
+    texts = encode_all(tiny_llms, ["a red circle"])
+    assert not model(torch.randn(1, 3, 16, 16), torch.tensor([0.5]), texts).any()  # adaLN-Zero: the output starts at 0
 
 
 def test_feature_norm_tames_massive_activations():

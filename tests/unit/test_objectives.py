@@ -6,7 +6,7 @@ import torch
 from lidit.config import preset
 from lidit.diffusion import sample, training_loss
 from lidit.model import LIDiTModel
-from lidit.text import TextStates
+from lidit.states import TextStates
 
 
 def texts_for(cfg, batch=1, seed=0):
@@ -49,7 +49,8 @@ def test_sampling_is_deterministic_per_seed_and_uses_cfg(prediction):
         torch.nn.init.normal_(p, std=0.05)
     model.eval()
     cond, uncond = texts_for(cfg, seed=1), texts_for(cfg, seed=2)
-    run = lambda seed, cfg_scale: sample(model, cfg, cond, uncond, (1, 3, 8, 8), steps=4, cfg=cfg_scale, seed=seed)
+    def run(seed, cfg_scale):
+        return sample(model, cfg, cond, uncond, (1, 3, 8, 8), steps=4, cfg=cfg_scale, seed=seed)
     a, b, c = run(7, 3.0), run(7, 3.0), run(8, 3.0)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(run(7, 1.0), a)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lidit import scenes as S
+from lidit.study import scenes as S
 
 
 def test_checker_reads_jittered_ground_truth():

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 import lidit.train as train_mod
 from lidit.checkpoint import load_checkpoint, read_metadata
+from lidit.cli import main as lidit_main
 from lidit.config import preset
-from lidit.features import FeatureCache, ShardFeatures
+from lidit.data.features import FeatureCache, ShardFeatures
+from lidit.data.shards import ShardSet, ShardStream, convert_folder, reader_plan
 from lidit.instruction import PromptTemplate
 from lidit.llm import encode
-from lidit.shards import ShardSet, ShardStream, convert_folder, reader_plan
-from lidit.shards import main as shards_main
 from lidit.train import TrainConfig
 from lidit.train.inputs import OnlineText
 
@@ -45,7 +45,7 @@ def write_folder(root: Path, n: int = 48) -> None:
 def shard_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("shards")
     write_folder(tmp / "imgs")
-    shards_main(["convert", str(tmp / "imgs"), str(tmp / "shards"), "--resolution", "32", "--step", "4",
+    lidit_main(["convert", "shards", str(tmp / "imgs"), str(tmp / "shards"), "--resolution", "32", "--step", "4",
                  "--shard-size", "6"])
     return tmp / "shards"
 
@@ -199,7 +199,7 @@ DRIVER = """
 import json
 import sys
 import torch.distributed as dist
-from lidit.train import main
+from lidit.train.cli import main
 
 if __name__ == "__main__":  # DataLoader workers of a rank start afresh and import this file
     dist.init_process_group("gloo")
@@ -245,7 +245,7 @@ def test_two_processes_with_workers_resume_mid_epoch_and_run_the_1b_config_at_ti
                  threads=1).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     write_folder(tmp_path / "imgs", 16)
-    shards_main(["convert", str(tmp_path / "imgs"), str(tmp_path / "latents"), "--resolution", "64", "--step", "16",
+    lidit_main(["convert", "shards", str(tmp_path / "imgs"), str(tmp_path / "latents"), "--resolution", "64", "--step", "16",
                  "--shard-size", "4", "--vae", str(tiny_vae(tmp_path / "vae"))])
     llama, qwen = tiny_llm_dirs["tiny-llama"], tiny_llm_dirs["tiny-qwen2"]
     names = ("Meta-Llama-3-8B-Instruct", "Qwen1.5-7B-Chat")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lidit.stats import Interval, cluster_bootstrap, difference, separated, wilson
+from lidit.study.stats import Interval, cluster_bootstrap, difference, separated, wilson
 
 
 def test_wilson_matches_hand_computed_values():
@@ -47,7 +47,8 @@ def test_cluster_bootstrap_resamples_prompts_and_seeds_not_objects():
     same = np.repeat(rng.binomial(2, 0.6, size=(1, 200)), 3, axis=0)
     apart = same.copy()
     apart[0], apart[2] = np.minimum(same[0] + 1, 2), np.maximum(same[2] - 1, 0)
-    width = lambda c: (lambda iv: iv.hi - iv.lo)(cluster_bootstrap(c, np.full_like(c, 2)))
+    def width(c):
+        return (lambda iv: iv.hi - iv.lo)(cluster_bootstrap(c, np.full_like(c, 2)))
     assert width(apart) > 1.5 * width(same)
 
 
@@ -123,6 +124,7 @@ def test_difference_covers_zero_when_variants_are_alike_and_counts_seeds_per_var
     base = rng.binomial(1, 0.8, size=(1, 300))
     same, apart = np.repeat(base, 3, axis=0), np.repeat(base, 3, axis=0)
     apart[0], apart[2] = np.maximum(base[0], rng.binomial(1, 0.5, 300)), base[0] * rng.binomial(1, 0.7, 300)
-    width = lambda iv: iv.hi - iv.lo
+    def width(iv):
+        return iv.hi - iv.lo
     ones = np.ones((3, 300))
     assert width(difference([(apart, ones)], [(base, ones[:1])])) > 1.5 * width(difference([(same, ones)], [(base, ones[:1])]))

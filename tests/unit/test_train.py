@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 
 import lidit.train as train_mod
 import lidit.train.inputs as inputs
-import lidit.train.loop as loop
+import lidit.train.trainer as loop
 from lidit.checkpoint import load_checkpoint, read_metadata
-from lidit.data import BucketStream, FolderData, SceneStream, load_vae, make_buckets, nearest_bucket
-from lidit.features import FeatureCache, PrefixEncoder
+from lidit.data.features import FeatureCache, PrefixEncoder
+from lidit.data.streams import BucketStream, FolderData, SceneStream, make_buckets, nearest_bucket
 from lidit.instruction import PromptTemplate, template_ids
 from lidit.llm import encode, load_llm
 from lidit.train import TrainConfig, load_config, lr_at, model_config
 from lidit.train.state import read_resume_tensors
+from lidit.vae import load_vae
 
 torch.set_num_threads(1)
 CAPTIONS = ["", "a red circle", "a red circle, a blue square and a green triangle", "x",
@@ -84,7 +85,7 @@ def test_prefix_reuse_with_sliding_window_attention(tiny_llm_dirs, tmp_path):
 
 def test_cache_round_trip_rebuilds_encode(tiny_llm_dirs, tiny_llms, tmp_path):
     template = PromptTemplate()
-    for (name, folder), llm in zip(tiny_llm_dirs.items(), tiny_llms):
+    for (_name, folder), llm in zip(tiny_llm_dirs.items(), tiny_llms):
         cache = FeatureCache(tmp_path, folder, -3, template, 32)
         cache.build(CAPTIONS, lambda: llm, batch_size=2)
         assert cache.missing(CAPTIONS) == [] and cache.stats["encoded"] == len(CAPTIONS)
@@ -172,13 +173,14 @@ def test_resume_continues_exactly(tiny_llm_dirs, tmp_path):
     assert (a / "resume/rng-rank0.json").read_text() == (b / "resume/rng-rank0.json").read_text()
     ma, mb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    losses = lambda p: [json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()]
+    def losses(p):
+        return [json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()]
     assert losses(a) == losses(b) and len(losses(a)) == 6
     # The EMA checkpoint is a lidit checkpoint, with the training command and stats in its metadata.
     model = load_checkpoint(a / "model.safetensors")
     assert not any(torch.equal(model.state_dict()[k], sa[f"model.{k}"]) for k in ["dit.final.linear.weight"])
     meta = read_metadata(a / "model.safetensors")
-    assert meta["training_command"].startswith("python -m lidit.train")
+    assert meta["training_command"].startswith("python -m lidit train")
     assert json.loads(meta["training_stats"])["step"] == 6 and json.loads(meta["training_config"])["steps"] == 6
 
 

@@ -6,10 +6,10 @@ import json
 import torch
 
 import lidit.train as train_mod
-import lidit.train.loop as loop
+import lidit.train.trainer as loop
 from lidit.config import preset
 from lidit.model import LIDiTModel
-from lidit.text import TextStates
+from lidit.states import TextStates
 from lidit.train import decays, make_optimizer
 from tests.fixtures_models import build_tiny_checkpoint
 from tests.unit.test_train import config, quiet_train

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import lidit.train as train_mod
 from lidit.config import preset
 from lidit.model import LIDiTModel
 from lidit.train import TrainConfig, make_optimizer

@@ -39,7 +39,7 @@ def install() -> None:
         return
 
     @functools.wraps(original)
-    def load(state_dicts=[], *args, **kwargs):
+    def load(state_dicts=(), *args, **kwargs):
         if not any(_tiny(sd) for sd in state_dicts):
             return original(state_dicts, *args, **kwargs)
         real, llama.Qwen3_4BConfig = llama.Qwen3_4BConfig, TinyQwen3Config

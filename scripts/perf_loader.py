@@ -1,6 +1,6 @@
 """Loader throughput: how many images (or latents) per second the shard stream delivers, by worker count.
 
-    .venv/bin/python scripts/bench_loader.py --items 3000 --workers 0 2 4 --rounds 3
+    .venv/bin/python scripts/perf_loader.py --items 3000 --workers 0 2 4 --rounds 3
 
 Writes synthetic shards (random 256-px pixels or SD3-sized latents, three buckets), then times
 `ShardStream.next_batch` after a warm-up, alternating the worker counts over `--rounds` rounds, and
@@ -26,9 +26,9 @@ from safetensors.torch import save as save_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lidit.config import preset  # noqa: E402
+from lidit.data.shards import FORMAT, ShardStream, _ShardWriter  # noqa: E402
 from lidit.model import LIDiTModel  # noqa: E402
-from lidit.shards import FORMAT, ShardStream, _ShardWriter  # noqa: E402
-from lidit.text import TextStates  # noqa: E402
+from lidit.states import TextStates  # noqa: E402
 
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 H100_BF16_FLOPS = 989e12  # dense bf16 peak

@@ -22,14 +22,15 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import scenes
+from ..study import scenes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # width:height ratios of the default buckets (each bucket keeps about the base pixel count)
@@ -64,7 +65,7 @@ class SceneStream:
     @classmethod
     def from_config(cls, pool_size: int, size: int, seed: int, rank: int = 0, pool_seed: int | None = None,
                     n_objects: int | Sequence[int] | None = None,
-                    styles: Sequence[str] = scenes.DEFAULT_TRAIN_STYLES) -> "SceneStream":
+                    styles: Sequence[str] = scenes.DEFAULT_TRAIN_STYLES) -> SceneStream:
         pool = scenes.train_pool(seed if pool_seed is None else pool_seed, pool_size, n_objects=n_objects,
                                  styles=styles)
         return cls(pool, size, seed, rank)
@@ -301,16 +302,3 @@ class BucketStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
         self.generator.set_state(torch.frombuffer(bytearray.fromhex(state["generator"]), dtype=torch.uint8))
-
-
-def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A local diffusers AutoencoderKL folder; diffusers is imported only here."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ImportError("latent training encodes images with a diffusers AutoencoderKL: install the `diffusers` "
-                          "package (pip install diffusers), or train a pixel model (latent_format 'pixel')") from None
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()

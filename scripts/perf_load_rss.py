@@ -6,7 +6,7 @@ right before the load, minus the resident memory at that moment. Rows: the loade
 (weights streamed into the host-built model), at the file's dtype and converted to bf16; and, for
 comparison, the usual way (safetensors `load_file`, then `load_state_dict`).
 
-    .venv/bin/python scripts/bench_load_rss.py              # depth 4: a 1.4 GB file
+    .venv/bin/python scripts/perf_load_rss.py              # depth 4: a 1.4 GB file
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def measure(path: str, mode: str) -> None:
     inproc.load_pack()
     import torch
 
-    model = inproc.sub("nodes.model")
+    model = inproc.sub("nodes.host_model")
     checkpoint = inproc.sub("lidit.checkpoint")
     load_device = torch.device("cpu")
     import gc
@@ -67,6 +67,7 @@ def main() -> None:
         return measure(*args.measure)
 
     import torch
+
     from lidit.checkpoint import save_checkpoint
     from lidit.config import preset
     from lidit.model import LIDiTModel

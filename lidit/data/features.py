@@ -34,18 +34,19 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .instruction import PromptTemplate, template_ids, tokenize_prompts
-from .llm import LLM, encode, layers_needed
-from .text_encoder_file import TextEncoderFile
-from .text import TextStates
+from ..instruction import PromptTemplate, template_ids, tokenize_prompts
+from ..llm import LLM, encode, layers_needed
+from ..precision import DTYPES
+from ..states import TextStates
+from ..text_encoder_file import TextEncoderFile
 
 FORMAT = "lidit-features-v1"
 _IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -53,7 +54,6 @@ _IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
                    "vocab.json", "merges.txt")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _PROBE = 1 << 20  # bytes hashed at each end of a weight file
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _sha(*parts: str | bytes) -> str:
@@ -285,10 +285,11 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike, llm_path: str | os.PathLike | TextEncoderFile, layer: int,
                  template: PromptTemplate, max_tokens: int, dtype: str = "float16") -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"feature dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"feature dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.layer, self.template, self.max_tokens = layer, template, max_tokens
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
+        dtype = str(self.dtype).removeprefix("torch.")  # one cache group per dtype, whatever its name
         self.identity = llm_identity(llm_path)
         self.group = feature_group(self.identity, layer, template, max_tokens, dtype)
         self.name = llm_path.name if isinstance(llm_path, TextEncoderFile) else Path(llm_path).name
@@ -445,7 +446,7 @@ def encode_shards(folder: Path, names: Sequence[str], captions_of: Callable[[int
     if not todo and not need_prefix:
         return 0
     encoder = PrefixEncoder(load(), template, max_tokens, layer)
-    store = _DTYPES[dtype]
+    store = DTYPES[dtype]
 
     if need_prefix:
         empty = encoder.encode([""])[0]

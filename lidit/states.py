@@ -42,19 +42,19 @@ class TextStates:
     def hidden_size(self) -> int:
         return self.hidden.shape[-1]
 
-    def only_prompt(self) -> "TextStates":
+    def only_prompt(self) -> TextStates:
         """Crop the scaffolding right away (HunyuanVideo's order)."""
         hidden, keep = pack_left(self.hidden, self.prompt, int(self.prompt.sum(1).max()) if self.prompt.numel() else 0)
         return TextStates(hidden, keep, keep.clone())
 
-    def to(self, device=None, dtype=None) -> "TextStates":
+    def to(self, device=None, dtype=None) -> TextStates:
         return TextStates(self.hidden.to(device=device, dtype=dtype), self.mask.to(device), self.prompt.to(device))
 
-    def __getitem__(self, index) -> "TextStates":
+    def __getitem__(self, index) -> TextStates:
         return TextStates(self.hidden[index], self.mask[index], self.prompt[index])
 
     @staticmethod
-    def cat(items: list["TextStates"]) -> "TextStates":
+    def cat(items: list[TextStates]) -> TextStates:
         """Batch prompts of different lengths by right-padding (e.g. cond + uncond for CFG)."""
         n = max(t.hidden.shape[1] for t in items)
         return TextStates(*(torch.cat([pad_tokens(getattr(t, f), n) for t in items])
@@ -71,7 +71,7 @@ class PreparedBranch:
     prompt_lengths: tuple[int, ...]   # prompt tokens per row
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> "PreparedBranch":
+    def of(cls, tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> PreparedBranch:
         """The one device sync of a sampling run: the token counts, read back once."""
         counts = torch.stack([mask.sum(1), prompt.sum(1)]).tolist()
         return cls(tokens, pooled, mask, prompt, tuple(counts[0]), tuple(counts[1]))
@@ -85,12 +85,12 @@ class PreparedBranch:
     def empty_rows(self) -> bool:
         return 0 in self.real
 
-    def map(self, fn) -> "PreparedBranch":
+    def map(self, fn) -> PreparedBranch:
         """The same branch with `fn` applied to every tensor (moves, casts, indexing)."""
         return PreparedBranch(fn(self.tokens), fn(self.pooled), fn(self.mask), fn(self.prompt),
                               self.real, self.prompt_lengths)
 
-    def repeat_to(self, batch: int) -> "PreparedBranch":
+    def repeat_to(self, batch: int) -> PreparedBranch:
         """Tile the rows to `batch` (a host's batch of several latents per prompt)."""
         reps = -(-batch // self.tokens.shape[0])
         rows = list(range(self.tokens.shape[0])) * reps
@@ -100,7 +100,7 @@ class PreparedBranch:
                               tuple(self.prompt_lengths[i] for i in rows[:batch]))
 
     @staticmethod
-    def cat(items: list["PreparedBranch"]) -> "PreparedBranch":
+    def cat(items: list[PreparedBranch]) -> PreparedBranch:
         """Batch rows of different lengths by right-padding, with the masks extended accordingly."""
         n = max(p.tokens.shape[1] for p in items)
         return PreparedBranch(torch.cat([pad_tokens(p.tokens, n) for p in items]),

@@ -15,8 +15,8 @@ bf16 is emulated, ~80x slower than fp32 on an AVX2 host: no one runs that, so th
 out and the line that says so prints both matmul rates. GFLOP/s are the FLOPs torch's counter sees
 in one step over the step's time, against the measured matmul peak of that dtype.
 
-    .venv/bin/python scripts/bench_host.py                 # depth 4, 384 px, 5 rounds (minutes on 2 cores)
-    .venv/bin/python scripts/bench_host.py --depth 28 --resolution 1024 --rounds 3   # a GPU's table
+    .venv/bin/python scripts/perf_host.py                 # depth 4, 384 px, 5 rounds (minutes on 2 cores)
+    .venv/bin/python scripts/perf_host.py --depth 28 --resolution 1024 --rounds 3   # a GPU's table
 """
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ def lidit_model(depth: int, dtype: torch.dtype, cast: torch.dtype | None, device
 
     config = preset("lidit-1b")
     config = dataclasses.replace(config, dit=dataclasses.replace(config.dit, depth=depth))
-    patcher = inproc.sub("nodes.model").new_lidit(config, dtype, cast, device)
+    patcher = inproc.sub("nodes.host_model").new_lidit(config, dtype, cast, device)
     randomise(patcher.model.diffusion_model)
     return patcher
 
 
 def lidit_conds(patcher, instruction: int, prompt: int) -> tuple[list, list]:
     """A prompt and an empty negative, packed as Collaborative Fusion packs them."""
-    text, pack = inproc.sub("lidit.text"), inproc.sub("nodes.conditioning").pack
-    config = inproc.sub("nodes.model").lidit_config_of(patcher)
+    text, pack = inproc.sub("lidit.states"), inproc.sub("nodes.conditioning").pack
+    config = inproc.sub("nodes.host_model").lidit_config_of(patcher)
     gen = torch.Generator().manual_seed(1)
 
     def branch(hidden: int, n_prompt: int):
@@ -133,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=384,
-                        help="pixels; latents are 8x smaller (ComfyUI's PixArt fails below 384: its position table base size rounds to 0)")
+                        help="pixels; latents are 8x smaller (ComfyUI's PixArt fails below 384: its position table "
+                             "base size rounds to 0)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cfg", type=float, default=4.5)
@@ -141,6 +142,7 @@ def main() -> None:
 
     pack = inproc.load_pack()  # noqa: F841  (sets up ComfyUI first)
     import comfy.model_management as mm
+
     from lidit.precision import native_bf16
 
     device = mm.get_torch_device()
@@ -159,7 +161,7 @@ def main() -> None:
                                  torch.bfloat16)}
     runs = {name: (m, c or lidit_conds(m, 40, 60), ch, dt) for name, (m, c, ch, dt) in runs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for name, (model, conds, channels, _) in runs.items():  # warm-up
+    for model, conds, channels, _ in runs.values():  # warm-up
         sample_seconds(model, conds, side, channels, 1, args.cfg)
     for _ in range(args.rounds):
         for name, (model, conds, channels, _) in runs.items():

@@ -1,4 +1,4 @@
-"""LI-DiT Loader and the adapter that makes an LI-DiT checkpoint a standard ComfyUI MODEL.
+"""The adapter that makes an LI-DiT checkpoint a standard ComfyUI MODEL.
 
 The MODEL behaves like any core model (KSampler, ModelSamplingSD3, CFGGuider, img2img all
 work): the config picks the sampling type (eps, v or flow with a shift) and the latent format.
@@ -25,11 +25,10 @@ from comfy.cli_args import args
 from ..lidit.checkpoint import CheckpointError, CheckpointFile, load_into
 from ..lidit.config import LIDiTConfig
 from ..lidit.model import LIDiTModel
-from ..lidit.precision import cpu_has_native_bf16
+from ..lidit.precision import DTYPES, cpu_has_native_bf16
 from . import conditioning
 from .attention import CHUNK_SCORES, host_attend
 from .conditioning import FINGERPRINT, LAYOUT, MASK, PROMPT
-from .folders import checkpoint_names, resolve_checkpoint
 from .memory import release_free_memory
 
 LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.latent_formats.SD3,
@@ -39,15 +38,15 @@ DOWNSCALE = {"pixel": 1, "sd3": 8, "flux": 8}
 MODEL_TYPES = {"flow": comfy.model_base.ModelType.FLOW, "eps": comfy.model_base.ModelType.EPS,
                "v": comfy.model_base.ModelType.V_PREDICTION}
 #: the loader's weight_dtype options (as UNETLoader's, plus the plain float types); *_fast: fp8 matmuls where the GPU has them
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+WEIGHT_DTYPES = {**{name: DTYPES[name] for name in ("fp32", "bf16", "fp16")}, "fp8_e4m3fn": torch.float8_e4m3fn,
+                 "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 TEXT = "lidit_text"  # the model kwarg that carries the prepared text (conditioning.CONDText)
 #: measured peak of a forward's activations besides attention scores, in values of `hidden` per image token
 #: (CPU, inference: 9 for the demo, 2-10 for LI-DiT-1B at 1k-4k tokens; one block's tensors are alive at a time)
 VALUES_PER_TOKEN = 12
 
 
-class LIDiTNet(LIDiTModel):
+class LIDiTHostNet(LIDiTModel):
     """lidit's model with the `diffusion_model(x, timesteps, context, **conds)` call ComfyUI makes.
 
     A subclass rather than a wrapper, so its weight names are the checkpoint's own (`text.*`,
@@ -58,15 +57,15 @@ class LIDiTNet(LIDiTModel):
         super().__init__(lidit_config, ops=operations, dtype=dtype, device=device)
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options: dict = {},
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options: dict | None = None,
                 **kwargs) -> torch.Tensor:
         branches = [b.map(lambda t: t.to(x.device, x.dtype if t.is_floating_point() else None)) for b in kwargs[TEXT]]
-        return super().forward(x, timesteps, branches, host_attend(transformer_options, self.config.dit.depth))
+        return super().forward(x, timesteps, branches, host_attend(transformer_options or {}, self.config.dit.depth))
 
 
-class LIDiTBaseModel(comfy.model_base.BaseModel):
-    def __init__(self, model_config: "LIDiTModelConfig", model_type, device=None) -> None:
-        super().__init__(model_config, model_type, device=device, unet_model=LIDiTNet)
+class LIDiTHostModel(comfy.model_base.BaseModel):
+    def __init__(self, model_config: LIDiTSupportedModel, model_type, device=None) -> None:
+        super().__init__(model_config, model_type, device=device, unet_model=LIDiTHostNet)
 
     @property
     def lidit_config(self) -> LIDiTConfig:
@@ -86,7 +85,7 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
             prepared = self.diffusion_model.text.prepare([t.to(kwargs["device"]) for t in texts], dtype)
         return {TEXT: conditioning.CONDText(tuple(prepared))}
 
-    def memory_required(self, input_shape, cond_shapes={}) -> float:
+    def memory_required(self, input_shape, cond_shapes=None) -> float:
         """Bytes one forward on `input_shape` needs, as measured for LI-DiT: the activations, plus
         one attention call's scores (twice: scores and softmax) unless the host's kernel is
         memory-efficient. ComfyUI's default, linear in latent pixels with a fixed factor, is far off
@@ -127,7 +126,7 @@ class LIDiTBaseModel(comfy.model_base.BaseModel):
         return timestep / sampling.num_timesteps
 
 
-class LIDiTModelConfig(comfy.supported_models_base.BASE):
+class LIDiTSupportedModel(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}  # BASE would otherwise inject num_heads and friends into the network's kwargs
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
@@ -138,8 +137,8 @@ class LIDiTModelConfig(comfy.supported_models_base.BASE):
         self.sampling_settings = {"shift": lidit_config.shift, "multiplier": 1000} if lidit_config.prediction == "flow" else {}
         super().__init__({"lidit_config": lidit_config})
 
-    def get_model(self, state_dict=None, prefix="", device=None) -> LIDiTBaseModel:
-        return LIDiTBaseModel(self, MODEL_TYPES[self.lidit_config.prediction], device=device)
+    def get_model(self, state_dict=None, prefix="", device=None) -> LIDiTHostModel:
+        return LIDiTHostModel(self, MODEL_TYPES[self.lidit_config.prediction], device=device)
 
 
 def lidit_config_of(model: comfy.model_patcher.ModelPatcher) -> LIDiTConfig:
@@ -150,11 +149,12 @@ def lidit_config_of(model: comfy.model_patcher.ModelPatcher) -> LIDiTConfig:
     return config
 
 
-def inference_dtypes(option: str, stored: torch.dtype, params: int, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+def inference_dtypes(option: str, stored: torch.dtype, params: int,
+                     device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype, manual-cast compute dtype or None), picked as ComfyUI picks them for core models,
     except on CPUs that multiply bf16 natively: there `default` stores and computes in bf16, and no
     choice computes in fp16 (400x slower than bf16 there). ComfyUI itself computes in fp32 on every CPU."""
-    supported = LIDiTModelConfig.supported_inference_dtypes
+    supported = LIDiTSupportedModel.supported_inference_dtypes
     native_bf16 = mm.is_device_cpu(device) and cpu_has_native_bf16()
     if option == "default":
         weight = mm.unet_dtype(device, params, supported, stored)
@@ -171,7 +171,7 @@ def new_lidit(config: LIDiTConfig, dtype: torch.dtype, manual_cast: torch.dtype 
               fp8_optimizations: bool = False) -> comfy.model_patcher.ModelPatcher:
     """An LI-DiT MODEL with unfilled weights stored in `dtype`, computing in `manual_cast` (None: in
     `dtype`), built from the ops ComfyUI picks for that pair (`comfy.ops.pick_operations`)."""
-    model_config = LIDiTModelConfig(config)
+    model_config = LIDiTSupportedModel(config)
     model_config.set_inference_dtype(dtype, manual_cast)
     model_config.optimizations["fp8"] = fp8_optimizations
     offload_device = mm.unet_offload_device()
@@ -205,29 +205,3 @@ def load_lidit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.
     load_device = mm.get_torch_device()
     dtype, manual_cast = inference_dtypes(weight_dtype, *file.stored_dtype(), load_device)
     return build_lidit(path, dtype, manual_cast, load_device, weight_dtype.endswith("_fast"), file)
-
-
-class LIDiTLoader:
-    DESCRIPTION = ("Loads an LI-DiT checkpoint (.safetensors with its config inside) as a standard MODEL: "
-                   "it works with KSampler, ModelSamplingSD3, CFGGuider and the other stock sampling nodes.")
-    CATEGORY = "LI-DiT"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The LI-DiT diffusion model, text refiners included.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (checkpoint_names(), {
-                "tooltip": "An LI-DiT checkpoint in models/diffusion_models (or the pack's checkpoints folder)."}),
-            "weight_dtype": (["default", *WEIGHT_DTYPES], {
-                "default": "default",
-                "tooltip": "Weight precision. default: as ComfyUI picks for your GPU (bf16, or fp16 where the GPU has "
-                           "no bf16); on CPUs with native bf16 (AVX512-BF16 or AMX) bf16, elsewhere on CPU fp32. "
-                           "fp8_*: weights stored in 8 bits and computed in bf16/fp16 (fp32 on CPUs without bf16); "
-                           "_fast uses fp8 matmuls where the GPU has them."}),
-        }}
-
-    def load(self, ckpt_name: str, weight_dtype: str) -> tuple[comfy.model_patcher.ModelPatcher]:
-        return (load_lidit(str(resolve_checkpoint(ckpt_name)), weight_dtype),)

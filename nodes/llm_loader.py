@@ -19,11 +19,9 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..lidit.llm import LLM, layers_needed, load_llm
-from ..lidit.precision import cpu_has_native_bf16
+from ..lidit.precision import DTYPES, compute_dtype, cpu_has_native_bf16
 from .folders import llm_names, resolve_llm
 from .memory import release_free_memory
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LLMWeights(nn.Module):
@@ -53,7 +51,7 @@ class LoadedLLM:
 
     @classmethod
     def load(cls, folder: Path, layers: list[int] | None, weight_dtype: torch.dtype, load_device: torch.device,
-             offload_device: torch.device) -> "LoadedLLM":
+             offload_device: torch.device) -> LoadedLLM:
         release_free_memory()
         llm = load_llm(folder, layer=layers, dtype=weight_dtype, device=offload_device, compute_device=load_device)
         logging.info("LI-DiT: loaded LLM %s from %s (%d of %d layers, hidden %d, %s)", llm.name, folder,
@@ -81,11 +79,8 @@ class LoadedLLM:
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device multiplies it natively, else fp32; never fp16, which LLM hidden states
-    overflow (Gemma-3's reach ~1e5, float16 stops at 65504)."""
-    if mm.is_device_cpu(device):
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    """lidit's auto policy, with ComfyUI judging whether a GPU has bf16 (its flags included)."""
+    return compute_dtype(device, lambda d: cpu_has_native_bf16() if mm.is_device_cpu(d) else mm.should_use_bf16(d))
 
 
 class LIDiTLLMLoader:

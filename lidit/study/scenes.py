@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,7 +81,7 @@ class Scene:
             raise ValueError(f"a scene has 1..{LONG_MAX_OBJECTS} objects, got {len(self.objects)}")
 
     @classmethod
-    def of(cls, *pairs: tuple[str, str]) -> "Scene":
+    def of(cls, *pairs: tuple[str, str]) -> Scene:
         return cls(tuple(SceneObject(c, s) for c, s in pairs))
 
     @property

@@ -1,10 +1,11 @@
 """Training memory per rank of the 1B and 10B presets under FSDP2, with and without activation checkpointing.
 
-    .venv/bin/python scripts/bench_train_memory.py --ranks 8 --micro 8
+    .venv/bin/python scripts/perf_train_memory.py --ranks 8 --micro 8
 
 No GPU is needed: parameter, gradient and optimiser bytes follow from the parameter counts (meta
 device); activation bytes are MEASURED on the CPU by running the preset's real layers at DiT depth
-1 and 2 (batch 1, bf16 weights and compute as under FSDP2's bf16 policy, the preset's resolution and 120 text tokens per LLM) and counting
+1 and 2 (batch 1, bf16 weights and compute as under FSDP2's bf16 policy, the preset's resolution and
+120 text tokens per LLM) and counting
 every tensor autograd saves for the backward (each storage once). The difference is one block; the
 rest (text pathway, embedders, final layer) is the depth-1 figure minus one block. Per rank:
 
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lidit.config import preset  # noqa: E402
 from lidit.model import LIDiTModel  # noqa: E402
-from lidit.text import TextStates  # noqa: E402
+from lidit.states import TextStates  # noqa: E402
 
 GiB = 2**30
 
