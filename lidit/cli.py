@@ -2,8 +2,8 @@
 
 `info` and `generate` live here; the other verbs belong to the modules that do the work and are
 handed the rest of the command line: `train` (lidit.train.cli), `convert shards`
-(lidit.data.shards), `eval` (the prompt-following benchmark, lidit.study.benchmark) and `study`
-(the ablation study, lidit.study.ablation).
+(lidit.data.shards), `convert pixart` (lidit.pixart), `eval` (the prompt-following benchmark,
+lidit.study.benchmark) and `study` (the ablation study, lidit.study.ablation).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .vae import to_pixels
 DELEGATED = {
     "train": ("lidit.train.cli", "train a model from a JSON config (also under torchrun)"),
     "convert shards": ("lidit.data.shards", "convert an image + caption folder to training shards"),
+    "convert pixart": ("lidit.pixart", "convert a PixArt-alpha/Sigma transformer into an LI-DiT checkpoint"),
     "eval": ("lidit.study.benchmark", "the prompt-following benchmark: run, report, breakdown"),
     "study": ("lidit.study.ablation", "the ablation study: train and score every variant, resumable"),
 }

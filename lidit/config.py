@@ -20,6 +20,7 @@ PAPER_INSTRUCTION = (
 LIMITS: dict[str, tuple[float, float]] = {
     "text.width": (1, 65536), "text.heads": (1, 1024), "text.refiner_depth": (0, 256), "text.collab_depth": (0, 256),
     "text.mlp_ratio": (0.01, 64), "text.max_tokens": (1, 1_048_576), "text.branches": (1, 64),
+    "text.null_tokens": (0, 65536), "dit.pe_interpolation": (1e-6, 1_000_000),
     "branch.hidden_size": (1, 65536), "branch.layer": (-4096, 4096),
     "dit.depth": (1, 1024), "dit.hidden": (1, 65536), "dit.heads": (1, 1024), "dit.patch": (1, 256),
     "dit.in_channels": (1, 4096), "dit.mlp_ratio": (0.01, 64),
@@ -27,7 +28,12 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 PREDICTIONS = ("eps", "v", "flow")
 DROP_INSTRUCTION = ("after_collab", "after_llm")
-LATENT_FORMATS = ("pixel", "sd3", "flux")
+LATENT_FORMATS = ("pixel", "sd3", "flux", "sd15", "sdxl")
+#: DDPM beta schedules (eps and v): "scaled_linear" is SD's (0.00085 .. 0.012, sqrt-spaced), ComfyUI's
+#: default; "linear" is PixArt's (1e-4 .. 0.02)
+SCHEDULES = ("scaled_linear", "linear")
+#: the DiT's switches and their choices; the first choice of each is the paper's
+DIT_CHOICES = {"pos_rule": ("grid", "pixart"), "adaln": ("per_block", "single"), "final_modulation": ("adaln", "table")}
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ class TextConfig:
     `width`/`heads` size the refiners (the paper leaves them open; we project every LLM to one
     width so the collaborative refiner can mix branches of different hidden sizes).
     `drop_instruction` picks where the template tokens leave: after the collaborative refiner
-    (the paper) or right after the LLM (HunyuanVideo).
+    (the paper) or right after the LLM (HunyuanVideo). `null_tokens` > 0 gives the pathway a learned
+    context of that many tokens for an empty prompt, in place of no context at all: a backbone
+    trained with a learned unconditional caption (PixArt's `y_embedding`) keeps its CFG that way.
     """
 
     branches: tuple[LLMBranch, ...]
@@ -60,14 +68,24 @@ class TextConfig:
     instruction: str = PAPER_INSTRUCTION
     system_prompt: str = ""
     chat_template: bool = True
+    null_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """The backbone. `pos_table` adds a fixed 2D sin-cos table before the conv ResBlock.
+    """The backbone. The defaults are the paper's; the switches express other DiTs exactly.
 
-    The paper uses the conv ResBlock alone; at small scale an absolute table makes layout learn
-    far faster (docs/study.md lists what was tried at small scale), so it is a switch.
+    - `pos_table` adds a fixed 2D sin-cos table before the conv ResBlock. The paper uses the conv
+      ResBlock alone; at small scale an absolute table makes layout learn far faster, so it is a
+      switch. `pos_rule` picks the table: "grid" (integer positions, rows then columns) or "pixart"
+      (PixArt's grid scaled by `pe_interpolation` and a base size, columns then rows; None computes
+      `pe_interpolation` from the size, as ComfyUI's PixArt does).
+    - `qk_norm`: RMSNorm on queries and keys (the paper); `cross_query_norm`: LayerNorm on the
+      cross-attention's query (PixArt feeds it the raw tokens).
+    - `adaln`: "per_block" (an AdaLN Linear in every block) or "single" (PixArt's adaLN-single: one
+      shared Linear plus a learned table per block); `final_modulation`: "adaln" (a Linear on
+      SiLU(c)) or "table" (PixArt's: a learned table plus c).
+    - `pooled`: add the pooled text to the timestep embedding (PixArt conditions on t alone).
     """
 
     depth: int
@@ -77,6 +95,13 @@ class DiTConfig:
     in_channels: int
     mlp_ratio: float = 4.0
     pos_table: bool = False
+    pos_rule: str = "grid"
+    pe_interpolation: float | None = None
+    qk_norm: bool = True
+    cross_query_norm: bool = True
+    adaln: str = "per_block"
+    final_modulation: str = "adaln"
+    pooled: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,7 +110,8 @@ class LIDiTConfig:
 
     `x_param` (flow only) makes the network predict the clean image and derives the velocity
     from it, which trains better in pixel space with large patches. `shift` is the flow
-    schedule shift; `latent_format` tells hosts how to decode (pixel = RGB in [-1, 1]).
+    schedule shift; `schedule` the DDPM betas of eps and v; `latent_format` tells hosts how to
+    decode (pixel = RGB in [-1, 1]).
     `resolution` (pixels) and `steps`/`cfg` are the training size and the sampling defaults,
     recorded by whoever trained the weights.
     """
@@ -95,6 +121,7 @@ class LIDiTConfig:
     prediction: str = "eps"
     x_param: bool = False
     shift: float = 1.0
+    schedule: str = "scaled_linear"
     latent_format: str = "sd3"
     resolution: int = 256
     steps: int = 30
@@ -114,6 +141,13 @@ class LIDiTConfig:
             raise ValueError(f"drop_instruction must be one of {DROP_INSTRUCTION}")
         if self.latent_format not in LATENT_FORMATS:
             raise ValueError(f"latent_format must be one of {LATENT_FORMATS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name, choices in DIT_CHOICES.items():
+            if getattr(self.dit, name) not in choices:
+                raise ValueError(f"dit.{name} must be one of {choices}, got {getattr(self.dit, name)!r}")
+        if self.dit.pos_rule != "grid" and not self.dit.pos_table:
+            raise ValueError("dit.pos_rule picks the table that dit.pos_table adds: set pos_table too")
         if not self.text.branches:
             raise ValueError("a model needs at least one LLM branch")
         for size, heads, what in ((self.text.width, self.text.heads, "text"),
@@ -128,8 +162,9 @@ class LIDiTConfig:
             yield from ((f"branch.{f}", getattr(branch, f)) for f in ("hidden_size", "layer"))
         for prefix, part in (("text.", self.text), ("dit.", self.dit), ("", self)):
             for f in dataclasses.fields(part):
-                if prefix + f.name in LIMITS and f.name != "branches":
-                    yield prefix + f.name, getattr(part, f.name)
+                value = getattr(part, f.name)
+                if prefix + f.name in LIMITS and f.name != "branches" and value is not None:
+                    yield prefix + f.name, value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """Training objectives and standalone samplers, in the same conventions as ComfyUI.
 
-- eps / v: DDPM with 1000 steps and the scaled-linear betas (0.00085 .. 0.012) that ComfyUI's
-  discrete sampling assumes; the network sees t = index / 1000.
+- eps / v: DDPM with 1000 steps and the config's betas: scaled-linear (0.00085 .. 0.012, ComfyUI's
+  default for discrete models) or linear (1e-4 .. 0.02, PixArt's); the network sees t = index / 1000.
 - flow: rectified flow x_t = (1 - t) x0 + t noise, target v = noise - x0 (ComfyUI's CONST flow),
   t drawn logit-normal and warped by the config's shift.
 """
@@ -22,9 +22,15 @@ Predict = Callable[[torch.Tensor, torch.Tensor, list[TextStates]], torch.Tensor]
 DDPM_STEPS = 1000
 
 
-def ddpm_alphas_cumprod(device=None) -> torch.Tensor:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, DDPM_STEPS, dtype=torch.float64, device=device) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
+def ddpm_betas(schedule: str = "scaled_linear", device=None) -> torch.Tensor:
+    """float64 betas, as ComfyUI makes them for its "linear" (= scaled) and "sqrt_linear" (= linear) schedules."""
+    if schedule == "linear":
+        return torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64, device=device)
+    return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, DDPM_STEPS, dtype=torch.float64, device=device) ** 2
+
+
+def ddpm_alphas_cumprod(schedule: str = "scaled_linear", device=None) -> torch.Tensor:
+    return torch.cumprod(1.0 - ddpm_betas(schedule, device), dim=0).float()
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -56,7 +62,7 @@ def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: 
         target = noise - x0
     else:
         index = torch.randint(0, DDPM_STEPS, (b,), generator=generator, device=x0.device)
-        ab = ddpm_alphas_cumprod(x0.device)[index]
+        ab = ddpm_alphas_cumprod(config.schedule, x0.device)[index]
         a, s = _bcast(ab.sqrt(), x0), _bcast((1 - ab).sqrt(), x0)
         x_t = a * x0 + s * noise
         target = noise if config.prediction == "eps" else a * noise - s * x0
@@ -110,7 +116,7 @@ def sample(model: LIDiTModel, config: LIDiTConfig, cond: list[TextStates], uncon
             if callback:
                 callback(i + 1, steps)
         return x
-    acp = ddpm_alphas_cumprod()
+    acp = ddpm_alphas_cumprod(config.schedule)
     indices = torch.linspace(DDPM_STEPS - 1, 0, steps).round().long().tolist()
     for i, index in enumerate(indices):
         ab = acp[index].item()

@@ -74,17 +74,18 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK-RMSNorm; cross-attention when `context` is given."""
+    """Multi-head attention with QK-RMSNorm (unless `qk_norm` is off); cross-attention when
+    `context` is given."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None,
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True,
                  ops: Ops = TorchOps, dtype=None, device=None) -> None:
         super().__init__()
         f = dict(dtype=dtype, device=device)
         self.heads = heads
         self.q = ops.Linear(dim, dim, **f)
         self.kv = ops.Linear(context_dim or dim, 2 * dim, **f)
-        self.q_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f)
-        self.k_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f)
+        self.q_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f) if qk_norm else nn.Identity()
+        self.k_norm = ops.RMSNorm(dim // heads, eps=1e-6, **f) if qk_norm else nn.Identity()
         self.out = ops.Linear(dim, dim, **f)
 
     def forward(self, x: torch.Tensor, site: Site, attend: Attend = sdpa, context: torch.Tensor | None = None,

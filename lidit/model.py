@@ -53,22 +53,27 @@ class LIDiTModel(nn.Module):
         for embedder in (self.text.t_embedder, self.dit.t_embedder):
             nn.init.normal_(embedder.fc1.weight, std=0.02)
             nn.init.normal_(embedder.fc2.weight, std=0.02)
-        for layer in self.zero_initialised():
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for zero in self.zero_initialised():
+            for p in [zero] if isinstance(zero, nn.Parameter) else zero.parameters():
+                nn.init.zeros_(p)
         return self
 
-    def zero_initialised(self) -> list[nn.Module]:
-        """The layers that start at zero, found by attribute (a renamed attribute fails here loudly).
+    def zero_initialised(self) -> list[nn.Module | nn.Parameter]:
+        """What starts at zero, found by attribute (a renamed attribute fails here loudly).
 
         Zero gates make every token refiner and collaborative block an identity at the start (the
         paper's zero-initialised gating); zero AdaLN makes every DiT block's self-attention and FFN
         branches vanish (DiT's adaLN-Zero), and the zero final projection makes the first output 0.
+        With adaLN-single and the final table, the shared Linear and the tables start at zero.
         """
         text, dit = self.text, self.dit
+        single = dit.cfg.adaln == "single"
         return [*(block.gates for refiner in text.refiners for block in refiner.blocks),
                 *(block.gates for collab in text.collab for block in collab.branches),
-                *(block.adaln for block in dit.blocks), dit.final.adaln, dit.final.linear]
+                *([dit.t_block, *(block.scale_shift_table for block in dit.blocks)] if single
+                  else [block.adaln for block in dit.blocks]),
+                dit.final.scale_shift_table if dit.cfg.final_modulation == "table" else dit.final.adaln,
+                dit.final.linear]
 
 
 def parameter_counts(config: LIDiTConfig) -> dict[str, int]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import TextConfig
 from .layers import MLP, Attend, Attention, KeyMask, Ops, Site, TimestepEmbedder, TorchOps, layer_norm, masked_mean, sdpa
-from .states import PreparedBranch, TextStates, pack_left
+from .states import PreparedBranch, TextStates, pack_left, pad_tokens
 
 
 class FeatureNorm(nn.Module):
@@ -156,6 +156,8 @@ class TextPathway(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.width, **f)
         self.refiners = nn.ModuleList(LinguisticTokenRefiner(b.hidden_size, cfg, **f) for b in cfg.branches)
         self.collab = nn.ModuleList(CollaborativeBlock(len(cfg.branches), cfg, **f) for _ in range(cfg.collab_depth))
+        if cfg.null_tokens:
+            self.null = nn.Parameter(torch.zeros(cfg.null_tokens, cfg.width, dtype=dtype, device=device))
 
     def set_feature_stats(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per branch (mean, std) of its LLM's channels; see `FeatureNorm`."""
@@ -179,4 +181,19 @@ class TextPathway(nn.Module):
         # DDP sees them all used (a zero-length context would leave them out of the graph)
         tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1),
                                  max(1, *lengths))
+        if hasattr(self, "null") and 0 in lengths:
+            tokens, mask, lengths = self.null_for_empty(tokens, mask, lengths)
         return TextContext(tokens, mask, lengths)
+
+    def null_for_empty(self, tokens: torch.Tensor, mask: torch.Tensor,
+                       lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Rows without a prompt token (the empty prompt of CFG) get the learned null context."""
+        n = self.null.shape[0]
+        width = max(tokens.shape[1], n)
+        tokens, mask = pad_tokens(tokens, width), pad_tokens(mask, width)
+        empty = torch.tensor([k == 0 for k in lengths], device=tokens.device)
+        null = pad_tokens(self.null.to(tokens)[None], width)
+        null_mask = pad_tokens(torch.ones(1, n, dtype=torch.bool, device=tokens.device), width)
+        tokens = torch.where(empty[:, None, None], null, tokens)
+        mask = torch.where(empty[:, None], null_mask, mask)
+        return tokens, mask, [n if k == 0 else k for k in lengths]

@@ -55,7 +55,7 @@ def test_zero_init_finds_every_gate_and_modulation_by_attribute(tiny_llms):
     layers = model.zero_initialised()
     branches = len(cfg.text.branches)
     assert len(layers) == branches * (cfg.text.refiner_depth + cfg.text.collab_depth) + cfg.dit.depth + 2
-    zeroed = {id(p) for m in layers for p in m.parameters()}
+    zeroed = {id(p) for m in layers for p in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters())}
     matrices = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
     assert {n for n, p in matrices.items() if not p.any()} == {n for n, p in matrices.items() if id(p) in zeroed}
     texts = encode_all(tiny_llms, ["a red circle"])
