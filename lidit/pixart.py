@@ -225,9 +225,13 @@ def _timestep(sd: Mapping[str, torch.Tensor], config: LIDiTConfig) -> dict[str, 
 
 
 def _identity_resblock(sd: Mapping[str, torch.Tensor], config: LIDiTConfig) -> dict[str, torch.Tensor]:
-    """PixArt has no conv position ResBlock: a zero last conv makes it the identity, which can still learn."""
+    """PixArt has no conv position ResBlock: a zero last conv makes it the identity, and a random first
+    conv (Xavier, from a fixed seed, so every conversion makes the same one) lets it learn."""
     c, dtype = config.dit.hidden, sd["t_block.1.weight"].dtype
-    return {"dit.pos_embed.conv2.weight": torch.zeros(c, c, 3, 3, dtype=dtype),
+    bound = (6 / (2 * 9 * c)) ** 0.5
+    conv1 = (torch.rand(c, c, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1) * bound
+    return {"dit.pos_embed.conv1.weight": conv1.to(dtype), "dit.pos_embed.conv1.bias": torch.zeros(c, dtype=dtype),
+            "dit.pos_embed.conv2.weight": torch.zeros(c, c, 3, 3, dtype=dtype),
             "dit.pos_embed.conv2.bias": torch.zeros(c, dtype=dtype)}
 
 

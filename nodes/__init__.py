@@ -4,6 +4,7 @@ from .encode import LIDiTInstructedEncode
 from .fusion import LIDiTCollaborativeFusion, LIDiTTokenRefiner
 from .llm_loader import LIDiTLLMLoader
 from .model_loader import LIDiTLoader
+from .pixart import LIDiTFromPixArt
 from .sample import LIDiTSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LIDiTCollaborativeFusion": LIDiTCollaborativeFusion,
     "LIDiTLoader": LIDiTLoader,
     "LIDiTSampler": LIDiTSampler,
+    "LIDiTFromPixArt": LIDiTFromPixArt,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LIDiTCollaborativeFusion": "LI-DiT Collaborative Fusion",
     "LIDiTLoader": "LI-DiT Loader",
     "LIDiTSampler": "LI-DiT Sampler",
+    "LIDiTFromPixArt": "LI-DiT From PixArt",
 }

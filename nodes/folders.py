@@ -5,6 +5,7 @@ custom nodes load) wins. A name is resolved in registration order, the first fol
 wins, exactly as ComfyUI's own `get_full_path` does:
   LLM:               extra_model_paths.yaml entries, <ComfyUI>/models/LLM, <pack>/models/LLM
   LI-DiT checkpoints: the `diffusion_models` folders, then <pack>/checkpoints (key `lidit_checkpoints`)
+  LLM pathways:      <ComfyUI>/models/lidit_pathways (key `lidit_pathways`), for LI-DiT From PixArt
 
 The pack's checkpoints get a key of their own: added to `diffusion_models`, they would show up in
 the stock "Load Diffusion Model" node, which cannot load them.
@@ -18,6 +19,7 @@ import folder_paths
 
 LLM_KEY = "LLM"
 CHECKPOINT_KEY = "lidit_checkpoints"
+PATHWAY_KEY = "lidit_pathways"
 PACK_DIR = Path(__file__).resolve().parents[1]
 PACK_LLM_DIR = PACK_DIR / "models" / "LLM"
 PACK_CHECKPOINT_DIR = PACK_DIR / "checkpoints"
@@ -28,6 +30,8 @@ def register_model_folders() -> None:
     folder_paths.add_model_folder_path(LLM_KEY, str(PACK_LLM_DIR))
     folder_paths.folder_names_and_paths.setdefault(CHECKPOINT_KEY, ([], folder_paths.supported_pt_extensions))
     folder_paths.add_model_folder_path(CHECKPOINT_KEY, str(PACK_CHECKPOINT_DIR))
+    folder_paths.folder_names_and_paths.setdefault(PATHWAY_KEY, ([], folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(PATHWAY_KEY, os.path.join(folder_paths.models_dir, PATHWAY_KEY))
 
 
 def checkpoint_names() -> list[str]:

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from lidit.checkpoint import save_checkpoint
 from lidit.config import LIDiTConfig, LLMBranch, preset, with_branches
@@ -130,4 +131,35 @@ def build_tiny_qwen3_te(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
+    return path
+
+
+#: the tiny PixArt-Sigma that tests/host/server_nodes/lidit_tiny_pixart.py has ComfyUI build (width / 3 and
+#: head size 12, as PixArt's 1152 and 72 are)
+TINY_PIXART = {"hidden": 48, "heads": 4, "depth": 2, "caption": 24, "tokens": 8, "patch": 2, "channels": 4}
+
+
+def build_tiny_pixart(path: str | Path, seed: int = 0) -> Path:
+    """A random PixArt-Sigma transformer in PixArt's own key names, as UNETLoader reads it."""
+    c, p, cap, ch = TINY_PIXART["hidden"], TINY_PIXART["patch"], TINY_PIXART["caption"], TINY_PIXART["channels"]
+    shapes = {"x_embedder.proj.weight": (c, ch, p, p), "x_embedder.proj.bias": (c,),
+              "t_embedder.mlp.0.weight": (c, 256), "t_embedder.mlp.0.bias": (c,), "t_embedder.mlp.2.weight": (c, c),
+              "t_embedder.mlp.2.bias": (c,), "t_block.1.weight": (6 * c, c), "t_block.1.bias": (6 * c,),
+              "y_embedder.y_embedding": (TINY_PIXART["tokens"], cap), "y_embedder.y_proj.fc1.weight": (c, cap),
+              "y_embedder.y_proj.fc1.bias": (c,), "y_embedder.y_proj.fc2.weight": (c, c), "y_embedder.y_proj.fc2.bias": (c,),
+              "final_layer.linear.weight": (p * p * 2 * ch, c), "final_layer.linear.bias": (p * p * 2 * ch,),
+              "final_layer.scale_shift_table": (2, c)}
+    for i in range(TINY_PIXART["depth"]):
+        for name, shape in {"scale_shift_table": (6, c), "attn.qkv.weight": (3 * c, c), "attn.qkv.bias": (3 * c,),
+                            "attn.proj.weight": (c, c), "attn.proj.bias": (c,), "cross_attn.q_linear.weight": (c, c),
+                            "cross_attn.q_linear.bias": (c,), "cross_attn.kv_linear.weight": (2 * c, c),
+                            "cross_attn.kv_linear.bias": (2 * c,), "cross_attn.proj.weight": (c, c),
+                            "cross_attn.proj.bias": (c,), "mlp.fc1.weight": (4 * c, c), "mlp.fc1.bias": (4 * c,),
+                            "mlp.fc2.weight": (c, 4 * c), "mlp.fc2.bias": (c,)}.items():
+            shapes[f"blocks.{i}.{name}"] = shape
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(s, generator=g) / s[-1] ** 0.5 for k, s in shapes.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, path)
     return path

@@ -48,10 +48,11 @@ def source(graph: Graph, nid: str, name: str) -> str:
 
 
 def checkpoint_of(graph: Graph, nid: str) -> str:
-    """The checkpoint a sampler's MODEL comes from, through guiders and model patches."""
-    while graph[nid]["class_type"] != "LIDiTLoader":
+    """The checkpoint (or pathway file) a sampler's MODEL comes from, through guiders and model patches."""
+    while graph[nid]["class_type"] not in ("LIDiTLoader", "LIDiTFromPixArt"):
         nid = source(graph, nid, "model" if "model" in graph[nid]["inputs"] else "guider")
-    return graph[nid]["inputs"]["ckpt_name"]
+    inputs = graph[nid]["inputs"]
+    return inputs.get("ckpt_name") or inputs["pathway_name"]
 
 
 def sampler_steps(graph: Graph, nid: str, config: LIDiTConfig) -> int:

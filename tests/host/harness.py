@@ -43,8 +43,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-LI-DiT"
 #: Model folder keys the shared server registers under its own tmp models dir.
-MODEL_FOLDER_KEYS = ("diffusion_models", "LLM", "text_encoders", "vae", "checkpoints", "loras")
-#: test-only custom-node modules the shared server loads (a tiny text encoder for CLIPLoader)
+MODEL_FOLDER_KEYS = ("diffusion_models", "LLM", "text_encoders", "vae", "checkpoints", "loras", "lidit_pathways")
+#: test-only custom-node modules the shared server loads (a tiny text encoder for CLIPLoader, a tiny
+#: PixArt for UNETLoader)
 SERVER_NODES = Path(__file__).with_name("server_nodes")
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 

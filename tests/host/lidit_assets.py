@@ -21,15 +21,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import inproc
 import torch
 from harness import REPO_ROOT
+from safetensors.torch import save_file
 
 from lidit.checkpoint import read_config
 from lidit.config import LIDiTConfig, LLMBranch
+from lidit.pixart import convert, is_pathway_key, read_pixart, save_pathway
 from tests.fixtures_models import (
+    TINY_PIXART,
     TINY_QWEN3,
     build_tiny_checkpoint,
     build_tiny_llm,
+    build_tiny_pixart,
     build_tiny_qwen3_te,
     llm_branch,
     tiny_config,
@@ -45,6 +50,10 @@ SD3 = "lidit-test-sd3.safetensors"  # 16-channel latents at 1/8 size
 #: workflows/lidit_comfy_text_encoder.json: Comfy-Org's Z-Image text encoder file, and a checkpoint
 #: trained on it (none is published: both are tiny in every mode; the server makes ComfyUI's Qwen3 tiny)
 QWEN3_TE, QWEN3_CKPT = "qwen_3_4b.safetensors", "lidit-qwen3-4b.safetensors"
+#: workflows/lidit_pixart.json: PixArt-Sigma as UNETLoader reads it, a pathway file for it, and an SDXL VAE
+#: (tiny in every mode: a random PixArt, and TAESD's architecture for the VAE)
+PIXART, PATHWAY = "PixArt-Sigma-XL-2-1024-MS.safetensors", "lidit-pathway-pixart-sigma.safetensors"
+SDXL_VAE = "sdxl_vae.safetensors"
 PACK_LLM_DIR = REPO_ROOT / "models" / "LLM"
 PACK_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 
@@ -106,4 +115,31 @@ def provision(models_dir: Path) -> Assets:
     flow = tiny_config([smol, gemma])
     checkpoint(SD3, dataclasses.replace(flow, latent_format="sd3", dit=dataclasses.replace(flow.dit, in_channels=16, patch=2)),
                seed=5)
+    pixart(models_dir, assets, [smol, gemma])
     return assets
+
+
+def pixart(models_dir: Path, assets: Assets, branches: list[LLMBranch]) -> None:
+    """The tiny PixArt-Sigma, a pathway for it (trained at 384 px: PixArt's table needs more than 256),
+    and a TAESD-architecture SDXL VAE."""
+    source = models_dir / "diffusion_models" / PIXART
+    if not source.is_file():
+        build_tiny_pixart(source)
+    path = models_dir / "lidit_pathways" / PATHWAY
+    if not path.is_file():
+        model = convert(read_pixart(source), branches, heads=TINY_PIXART["heads"], resolution=384)
+        with torch.no_grad():  # open the fresh refiners' gates, as build_tiny_checkpoint does
+            for name, p in model.named_parameters():
+                if is_pathway_key(name):
+                    p.add_(torch.randn_like(p) * 0.05)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_pathway(path, model)
+    assets.checkpoints[PATHWAY] = path
+    vae = models_dir / "vae" / SDXL_VAE
+    if not vae.is_file():
+        inproc.load_pack()  # ComfyUI on the import path
+        from comfy.taesd.taesd import TAESD
+
+        torch.manual_seed(0)
+        vae.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in TAESD(latent_channels=4).state_dict().items()}, vae)

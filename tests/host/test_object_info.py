@@ -18,7 +18,7 @@ from harness import ComfyServer
 SNAPSHOT = Path(__file__).with_name("object_info_snapshot.json")
 PREFIX = "LIDiT"
 #: combos whose options are the user's files or ComfyUI's own lists, not the pack's API
-HOST_LISTS = {"llm_name", "ckpt_name", "sampler_name", "scheduler"}
+HOST_LISTS = {"llm_name", "ckpt_name", "pathway_name", "sampler_name", "scheduler"}
 
 
 def pack_nodes(object_info: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def test_node_definitions_match_the_snapshot(comfy_server: ComfyServer) -> None:
 
 def test_every_node_is_prefixed_named_and_every_input_has_a_tooltip(comfy_server: ComfyServer) -> None:
     nodes = pack_nodes(comfy_server.object_info())
-    assert len(nodes) == 7
+    assert set(nodes) == set(json.loads(SNAPSHOT.read_text()))
     for name, info in nodes.items():
         assert name.startswith(PREFIX) and info["display_name"].startswith("LI-DiT "), name
         assert info["description"], name

@@ -204,3 +204,26 @@ def test_the_converter_command_writes_a_checkpoint_that_loads(pack, tmp_path):
     model = inproc.sub("lidit.checkpoint").load_checkpoint(out)
     assert model.config.dit.adaln == "single" and model.config.schedule == "linear"
     assert torch.equal(model.dit.t_block.weight, sd["t_block.1.weight"].float())
+
+
+def test_a_pathway_joins_only_the_backbone_it_was_made_for(pack, tmp_path):
+    pixart = inproc.sub("lidit.pixart")
+    _, sd = pixart_ms()
+    pixart.save_pathway(tmp_path / "pathway.safetensors", converted(sd))
+    config, tensors = pixart.join_pathway(sd, tmp_path / "pathway.safetensors")
+    assert all(torch.equal(tensors[k], v) for k, v in converted(sd).state_dict().items())  # backbone + pathway
+    deeper = {**sd, **{k.replace("blocks.1.", "blocks.2."): v for k, v in sd.items() if k.startswith("blocks.1.")}}
+    with pytest.raises(pixart.PixArtError, match="another backbone"):
+        pixart.join_pathway(deeper, tmp_path / "pathway.safetensors")
+    inproc.sub("lidit.checkpoint").save_checkpoint(tmp_path / "whole.safetensors", converted(sd))
+    with pytest.raises(pixart.PixArtError, match="not an LI-DiT pathway file"):
+        pixart.read_pathway(tmp_path / "whole.safetensors")
+
+
+def test_the_node_refuses_a_model_that_is_not_pixart(pack):
+    from types import SimpleNamespace
+
+    node = inproc.sub("nodes.pixart").LIDiTFromPixArt()
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
+    with pytest.raises(ValueError, match="needs a PixArt-alpha or -Sigma MODEL; this one is a Linear"):
+        node.convert(model, "any.safetensors")
