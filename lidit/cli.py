@@ -2,7 +2,7 @@
 
 `info` and `generate` live here; the other verbs belong to the modules that do the work and are
 handed the rest of the command line: `train` (lidit.train.cli), `convert shards`
-(lidit.data.shards), `convert pixart` (lidit.pixart), `eval` (the prompt-following benchmark,
+(lidit.data.shards), `convert pixart` and `convert pathway` (lidit.pixart), `eval` (the prompt-following benchmark,
 lidit.study.benchmark) and `study` (the ablation study, lidit.study.ablation).
 """
 from __future__ import annotations
@@ -25,11 +25,13 @@ from .model import parameter_counts
 from .precision import DTYPE_CHOICES, resolve_dtype
 from .vae import to_pixels
 
-#: verbs whose module parses the rest of the command line: verb -> (module, help)
+#: verbs whose module parses the rest of the command line: verb -> (module[:function], help)
 DELEGATED = {
     "train": ("lidit.train.cli", "train a model from a JSON config (also under torchrun)"),
     "convert shards": ("lidit.data.shards", "convert an image + caption folder to training shards"),
     "convert pixart": ("lidit.pixart", "convert a PixArt-alpha/Sigma transformer into an LI-DiT checkpoint"),
+    "convert pathway": ("lidit.pixart:pathway_main", "keep only the LLM pathway of a checkpoint (LI-DiT From PixArt)"),
+    "eval emoji": ("lidit.study.emoji_bench", "the emoji benchmark: the scorer's ceiling on real images"),
     "eval": ("lidit.study.benchmark", "the prompt-following benchmark: run, report, breakdown"),
     "study": ("lidit.study.ablation", "the ablation study: train and score every variant, resumable"),
 }
@@ -83,10 +85,11 @@ def generate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> object:
     argv = sys.argv[1:] if argv is None else list(argv)
-    for verb, (module, _) in DELEGATED.items():
+    for verb, (target, _) in DELEGATED.items():
         words = verb.split()
         if argv[:len(words)] == words:
-            return importlib.import_module(module).main(argv[len(words):])
+            module, _, function = target.partition(":")
+            return getattr(importlib.import_module(module), function or "main")(argv[len(words):])
     parser = argparse.ArgumentParser(prog="python -m lidit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for verb, (_, summary) in DELEGATED.items():

@@ -390,3 +390,17 @@ def main(argv: list[str] | None = None) -> LIDiTModel:
           f"{model.config.latent_format} latents), LLM pathway of {n / 1e6:.1f} M values for "
           f"{', '.join(b.name for b in model.config.text.branches)}")
     return model
+
+
+def pathway_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lidit convert pathway",
+                                     description="Keep only the LLM pathway of an LI-DiT checkpoint (e.g. one trained "
+                                                 "from a converted PixArt), for LI-DiT From PixArt and for sharing.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from .checkpoint import load_checkpoint, read_metadata
+
+    extra = {k: v for k, v in read_metadata(args.checkpoint).items() if k.startswith("training_")}
+    save_pathway(args.out, load_checkpoint(args.checkpoint), {**extra, "pathway_of": os.path.basename(args.checkpoint)})
+    print(f"wrote {args.out}: the LLM pathway of {args.checkpoint}")

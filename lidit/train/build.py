@@ -1,5 +1,6 @@
-"""The model as trained: fresh (with the captions' feature statistics) or a checkpoint with LoRA adapters,
-wrapped for DDP or sharded with FSDP2."""
+"""The model as trained: fresh (with the captions' feature statistics), a checkpoint to start from
+(`init`, e.g. a converted PixArt), or a checkpoint with LoRA adapters; with `trainable: pathway`
+only the LLM pathway trains. Wrapped for DDP or sharded with FSDP2."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..config import LIDiTConfig
 from ..lora import add_lora
 from ..model import LIDiTModel
+from ..pixart import is_pathway_key
 from .config import TrainConfig
 from .dist import Dist
 
@@ -27,16 +29,25 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list
         if lora:  # the base keeps its own feature statistics: its weights were trained on them
             model = load_checkpoint(lora.base)
             add_lora(model, lora)
+        elif cfg.init:
+            model = load_checkpoint(cfg.init)
+            if not feature_stats_measured(model):  # a fresh pathway, e.g. from the PixArt converter
+                model.text.set_feature_stats([source.channel_stats() for source in sources])
         else:
             model = LIDiTModel(model_cfg).init_weights()
             model.text.set_feature_stats([source.channel_stats() for source in sources])
+        if cfg.trainable == "pathway":
+            for name, p in model.named_parameters():
+                p.requires_grad_(is_pathway_key(name) or (lora is not None and p.requires_grad))
         model.dit.checkpointing = cfg.activation_checkpointing
         if cfg.compile:
             for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's
                 block.compile(backend=cfg.compile)
         return model
 
-    single_branch = len(model_cfg.text.branches) == 1  # its collaborative block has nothing to attend to
+    # parameters a step may not reach: a single branch's collaborative block (nothing to attend to), and
+    # the null context, used only by a batch that drew an empty caption
+    unused = len(model_cfg.text.branches) == 1 or model_cfg.text.null_tokens > 0
     if cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -65,5 +76,10 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.device.index] if d.device.type == "cuda" else None
-        return model, DDP(model, device_ids=ids, find_unused_parameters=single_branch)
+        return model, DDP(model, device_ids=ids, find_unused_parameters=unused)
     return model, model
+
+
+def feature_stats_measured(model: LIDiTModel) -> bool:
+    """False while every branch's FeatureNorm holds its defaults (mean 0, std 1): never measured."""
+    return any(bool(r.feature_norm.mean.any()) or bool((r.feature_norm.std != 1).any()) for r in model.text.refiners)

@@ -14,6 +14,9 @@ from ..lora import LoRAConfig
 from ..precision import DTYPES
 from ..text_encoder_file import TextEncoderFile
 
+#: what a run trains: everything, or the LLM pathway (is_pathway_key) on a frozen backbone
+TRAINABLE = ("all", "pathway")
+
 
 @dataclass
 class DataConfig:
@@ -53,6 +56,8 @@ class TrainConfig:
     caption_dropout: float = 0.1
     flow_loss: str = "v"                # flow models: "v" (velocity MSE) or "x0" (clean-image MSE)
     lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
+    init: str | None = None             # start from this LI-DiT checkpoint (e.g. a converted PixArt); its config is the model's
+    trainable: str = "all"              # all | pathway (text.* and the cross-attention K/V; the rest frozen)
     activation_checkpointing: bool = False  # recompute each DiT block in the backward: memory for compute
     compile: str | None = None          # torch.compile each DiT block with this backend ("inductor"; "eager" traces only)
     checkpoint_every: int = 500
@@ -130,6 +135,10 @@ class TrainConfig:
             self.lora_config()
             if self.fsdp:
                 raise ValueError("LoRA trains on one process or under DDP; --fsdp is for full training")
+            if self.init is not None:
+                raise ValueError("lora.base is the checkpoint LoRA starts from: leave init unset")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if not (self.data.source == "scenes" or self.data.source.startswith(("folder:", "shards:"))):
             raise ValueError(f"data.source must be 'scenes', 'folder:<path>' or 'shards:<path>', got {self.data.source!r}")
         if self.text_features not in ("offline", "online"):

@@ -45,7 +45,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.output_dir)
         lora = cfg.lora_config()
-        self.model_cfg = read_config(lora.base) if lora else model_config(cfg.model, cfg.data.resolution)
+        base = lora.base if lora else cfg.init
+        self.model_cfg = read_config(base) if base else model_config(cfg.model, cfg.data.resolution)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

@@ -1,0 +1,88 @@
+"""Training the LLM pathway of a converted PixArt with the trainer's denoising loss: only the pathway
+moves, the fresh refiners get their feature statistics, and a stopped run resumes to the same weights."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lidit.cli import main as lidit_main
+from lidit.pixart import is_pathway_key
+from lidit.train import TrainConfig, train
+from tests.fixtures_models import TINY_PIXART, build_tiny_pixart
+
+SIDE = 384  # PixArt's position table needs a mean side above 264 px
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llm_dirs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pixart")
+    out = root / "lidit-pixart.safetensors"
+    lidit_main(["convert", "pixart", str(build_tiny_pixart(root / "pixart.safetensors")), "--out", str(out),
+                "--heads", str(TINY_PIXART["heads"]), "--resolution", str(SIDE),
+                *(a for folder in tiny_llm_dirs.values() for a in ("--llm", folder))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """Four captioned images and a tiny 8x diffusers VAE with 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a photo of thing number {i}\n")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=4).save_pretrained(root / "vae")
+    return {"images": str(root), "vae": str(root / "vae")}
+
+
+def run(converted: Path, data: dict, tiny_llm_dirs: dict, out: Path, **kw) -> dict:
+    cfg = TrainConfig.from_dict({
+        "init": str(converted), "trainable": "pathway", "llms": list(tiny_llm_dirs.values()),
+        "data": {"source": f"folder:{data['images']}", "vae": data["vae"], "buckets": "none"},
+        "output_dir": str(out), "cache_dir": str(out.parent / "cache"), "steps": 2, "batch_size": 2, "lr": 1e-2,
+        "log_every": 1, "checkpoint_every": 1, "device": "cpu", "progress": "none", "caption_dropout": 0.5,
+        "mixed_precision": "no"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny VAE's scaling factor is not SDXL's
+        return train(cfg, **kw)
+
+
+def test_only_the_pathway_trains_from_a_converted_pixart(converted, data, tiny_llm_dirs, tmp_path):
+    run(converted, data, tiny_llm_dirs, tmp_path / "run")
+    before, after = load_file(converted), load_file(tmp_path / "run" / "model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(is_pathway_key(k) for k in moved)
+    assert any(".cross_attn.kv." in k for k in moved) and any(k.startswith("text.refiners") for k in moved)
+    assert after["text.refiners.0.feature_norm.std"].ne(1).any()  # measured on the captions, not the defaults
+
+
+def test_a_stopped_pathway_run_resumes_to_the_same_weights(converted, data, tiny_llm_dirs, tmp_path):
+    run(converted, data, tiny_llm_dirs, tmp_path / "whole")
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", stop_after=1)
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", resume=tmp_path / "split" / "resume")
+    whole, split = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "split"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_the_trained_pathway_joins_the_pixart_it_was_trained_on(converted, data, tiny_llm_dirs, tmp_path):
+    """`convert pathway` keeps the pathway of the trained checkpoint; joined with PixArt's own weights
+    (as LI-DiT From PixArt does) it gives back the trained model exactly."""
+    from lidit.pixart import join_pathway, pixart_keys
+
+    run(converted, data, tiny_llm_dirs, tmp_path / "run")
+    lidit_main(["convert", "pathway", str(tmp_path / "run" / "model.safetensors"), "--out", str(tmp_path / "p.safetensors")])
+    pixart = pixart_keys(load_file(converted.parent / "pixart.safetensors"))
+    _, joined = join_pathway(pixart, tmp_path / "p.safetensors")
+    trained = load_file(tmp_path / "run" / "model.safetensors")
+    assert set(joined) == set(trained) and all(torch.equal(joined[k], trained[k]) for k in trained)
