@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -262,7 +262,7 @@ def summary(run: Run, args: argparse.Namespace, record: dict) -> dict:
             **{s: {k: v for k, v in score[s].items() if k != "object_correct"} for s in run.sets}}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lidit study", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated config names (ablation_<name>.json)")
     p.add_argument("--long-variants", default=",".join(LONG_VARIANTS),
@@ -290,22 +290,33 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--seeds names no run: a count N means seeds 0..N-1 (1 for seed 0 alone), "
                 "or list seeds like 0,2 (a single seed k as 'k,')")
     args.results = args.results or args.out
-    out, results = Path(args.out), Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = plan(args)
-    print(f"study: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
-          f"{len(args.seeds)} seeds), {args.count} prompts per set -> {results}", flush=True)
-    started = time.time()
-    score = Scorer(args)
-    scored: dict[str, list[dict]] = {}  # row label -> every scored run of it
-    per_run: dict[str, list[dict]] = {}  # row label -> each run's seed and plain values
-    if args.demo:
-        demo = Path(args.demo)
-        label = f"demo ({trained_steps(demo)} steps, committed)"
-        scored[label] = [score(demo, llm_folders_of(Path(args.demo_config)), ["plain", "paraphrase"], label,
-                               results / "demo.json", out / "demo" / "samples.png")]
-        per_run[label] = [{"seed": None, **run_values(scored[label][0])}]
-    summaries, trained, left_out = [], 0, []
+    return args
+
+
+@dataclass
+class Scored:
+    """Every scored run so far, by row label: its scores, and its seed and plain figures."""
+
+    scores: dict[str, list[dict]] = field(default_factory=dict)
+    per_run: dict[str, list[dict]] = field(default_factory=dict)
+    summaries: list[dict] = field(default_factory=list)
+
+    def add(self, label: str, score: dict, **run: object) -> None:
+        self.scores.setdefault(label, []).append(score)
+        self.per_run.setdefault(label, []).append({**run, **run_values(score)})
+
+
+def score_demo(args: argparse.Namespace, score: Scorer, scored: Scored) -> None:
+    """The committed demo checkpoint, scored as the reference row."""
+    demo, out, results = Path(args.demo), Path(args.out), Path(args.results)
+    label = f"demo ({trained_steps(demo)} steps, committed)"
+    scored.add(label, score(demo, llm_folders_of(Path(args.demo_config)), ["plain", "paraphrase"], label,
+                            results / "demo.json", out / "demo" / "samples.png"), seed=None)
+
+
+def train_and_score(runs: list[Run], args: argparse.Namespace, score: Scorer, scored: Scored) -> tuple[int, list[str]]:
+    """Every run recorded, trained and scored, or (finished_only) left out; returns (trained, left out)."""
+    trained, left_out = 0, []
     for run in runs:
         kept = recorded(run, args, score)
         if kept is None:
@@ -317,34 +328,51 @@ def main(argv: list[str] | None = None) -> dict:
                            run.sets, VARIANTS.get(run.variant, run.variant), run.dir / "score.json",
                            run.dir / "samples.png")
             kept = record(run, args, result)
-        label = VARIANTS.get(run.variant, run.variant)
-        scored.setdefault(label, []).append(kept["score"])
-        per_run.setdefault(label, []).append({"seed": run.seed, "long_scenes": run.long, **run_values(kept["score"])})
-        summaries.append(summary(run, args, kept))
-    if left_out:
-        print(f"study: not finished, left out: {', '.join(left_out)}", flush=True)
-    variants = {label: variant_metrics(rows) for label, rows in scored.items()}
-    seeds = {label: len({r["seed"] for r in rows}) for label, rows in per_run.items()}
-    table = markdown_table(variants, seeds)
+        scored.add(VARIANTS.get(run.variant, run.variant), kept["score"], seed=run.seed, long_scenes=run.long)
+        scored.summaries.append(summary(run, args, kept))
+    return trained, left_out
+
+
+def tables(scored: Scored) -> tuple[dict, dict, dict, str, list[str]]:
+    """(intervals per variant, seeds per variant, differences from the reference, table.md, differences called)."""
+    variants = {label: variant_metrics(rows) for label, rows in scored.scores.items()}
+    seeds = {label: len({r["seed"] for r in rows}) for label, rows in scored.per_run.items()}
     reference = VARIANTS[REFERENCE]
-    diffs = {label: variant_differences(scored[label], scored[reference])
-             for label in VARIANTS.values() if label in scored and label != reference and reference in scored}
+    diffs = {label: variant_differences(scored.scores[label], scored.scores[reference])
+             for label in VARIANTS.values() if label in scored.scores and label != reference and reference in scored.scores}
     called, tested = called_differences(diffs, variants, reference)
-    text = table + "\n"
+    text = markdown_table(variants, seeds) + "\n"
     if diffs:
         text += (f"\nEach variant minus {reference}, in points, 95% interval paired by prompt (bold: excludes 0):\n\n"
                  f"{difference_table(diffs, reference)}\n\nDifferences from {reference} (the interval of the "
                  f"difference excludes 0; {tested} figures tested: if no variant differed, at most about "
                  f"{0.05 * tested:.0f} would by chance, fewer as the intervals err wide):\n"
                  + "".join(f"- {d}\n" for d in called or ["none"]))
+    return variants, seeds, diffs, text, called
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out, results = Path(args.out), Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(args)
+    print(f"study: {len(runs)} runs ({len(args.variants)} variants + {len(args.long_variants)} long x "
+          f"{len(args.seeds)} seeds), {args.count} prompts per set -> {results}", flush=True)
+    started, score, scored = time.time(), Scorer(args), Scored()
+    if args.demo:
+        score_demo(args, score, scored)
+    trained, left_out = train_and_score(runs, args, score, scored)
+    if left_out:
+        print(f"study: not finished, left out: {', '.join(left_out)}", flush=True)
+    variants, seeds, diffs, text, called = tables(scored)
     (results / "table.md").write_text(text)
     position_chart(variants, Path(args.chart or out / "positions.png"))
     result = {
         "settings": {**vars(args), "resamples": RESAMPLES, "interval": "95% cluster bootstrap over seeds x prompts"},
-        "runs": summaries,
+        "runs": scored.summaries,
         "runs_left_out": left_out,
         "variants": {label: {"seeds": seeds[label], "metrics": {m: iv.to_dict() for m, iv in metrics.items()},
-                             "per_run": per_run[label]} for label, metrics in variants.items()},
+                             "per_run": scored.per_run[label]} for label, metrics in variants.items()},
         "differences_from_full": {label: {m: iv.to_dict() for m, iv in d.items()} for label, d in diffs.items()},
         "differences_called": called,
         "seconds_this_invocation": round(time.time() - started, 1),
@@ -353,7 +381,3 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(results / "study.json", result, indent=1)
     print(text, flush=True)
     return result
-
-
-if __name__ == "__main__":
-    main()
