@@ -45,6 +45,22 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 FLOW_LOSSES = ("v", "x0")
 
 
+def noised(config: LIDiTConfig, x0: torch.Tensor, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, the config's target) at a random noise level per sample: logit-normal t warped by the
+    shift for flow, a uniform DDPM index for eps and v."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if config.prediction == "flow":
+        t = shift_time(torch.sigmoid(torch.randn(b, generator=generator, device=x0.device)), config.shift)
+        return (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * noise, t, noise - x0
+    index = torch.randint(0, DDPM_STEPS, (b,), generator=generator, device=x0.device)
+    ab = ddpm_alphas_cumprod(config.schedule, x0.device)[index]
+    a, s = _bcast(ab.sqrt(), x0), _bcast((1 - ab).sqrt(), x0)
+    target = noise if config.prediction == "eps" else a * noise - s * x0
+    return a * x0 + s * noise, index.float() / DDPM_STEPS, target
+
+
 def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: list[TextStates],
                   generator: torch.Generator | None = None, flow_loss: str = "v") -> torch.Tensor:
     """Mean squared error of the config's prediction at a random noise level per sample.
@@ -54,23 +70,21 @@ def training_loss(model: Predict, config: LIDiTConfig, x0: torch.Tensor, texts: 
     """
     if flow_loss not in FLOW_LOSSES:
         raise ValueError(f"flow_loss must be one of {FLOW_LOSSES}, got {flow_loss!r}")
-    b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if config.prediction == "flow":
-        t = shift_time(torch.sigmoid(torch.randn(b, generator=generator, device=x0.device)), config.shift)
-        x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * noise
-        target = noise - x0
-    else:
-        index = torch.randint(0, DDPM_STEPS, (b,), generator=generator, device=x0.device)
-        ab = ddpm_alphas_cumprod(config.schedule, x0.device)[index]
-        a, s = _bcast(ab.sqrt(), x0), _bcast((1 - ab).sqrt(), x0)
-        x_t = a * x0 + s * noise
-        target = noise if config.prediction == "eps" else a * noise - s * x0
-        t = index.float() / DDPM_STEPS
+    x_t, t, target = noised(config, x0, generator)
     error = (model(x_t, t, texts).float() - target.float()) ** 2
     if config.prediction == "flow" and flow_loss == "x0":
         error = error * _bcast(t, error) ** 2
     return error.mean()
+
+
+def distillation_loss(model: Predict, teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      config: LIDiTConfig, x0: torch.Tensor, texts: list[TextStates],
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean squared difference of the student's and the teacher's predictions on the same noisy input."""
+    x_t, t, _ = noised(config, x0, generator)
+    with torch.no_grad():
+        target = teacher(x_t, t)
+    return ((model(x_t, t, texts).float() - target.float()) ** 2).mean()
 
 
 def guided(model: LIDiTModel, cond: list[TextStates], uncond: list[TextStates] | None, cfg: float) -> Callable:

@@ -84,7 +84,9 @@ def template_ids(tokenizer, template: PromptTemplate) -> tuple[list[int], list[i
     head = f"{template.system_prompt}\n\n{lead}" if template.system_prompt else lead
     plain = tokenizer("x", add_special_tokens=True)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and plain[0] == tokenizer.bos_token_id else []
-    return bos + _ids(tokenizer, head), []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and plain[-1] == tokenizer.eos_token_id \
+        and len(plain) > 1 else []  # an encoder's end of sequence (T5's </s>): decoder LLMs add none
+    return bos + _ids(tokenizer, head), eos
 
 
 @dataclass

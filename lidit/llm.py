@@ -1,6 +1,8 @@
 """Frozen LLMs as prompt encoders, loaded from local HF-format folders only.
 
-No LM head is ever built (AutoModel is the bare decoder). When the caller knows the layer up
+Decoder-only LLMs, and T5-family encoders (PixArt's text encoder, the teacher of a distilled
+pathway). No LM head or decoder stack is ever built (AutoModel is the bare decoder; for T5, the
+encoder alone). When the caller knows the layer up
 front, the decoder stack is cut right after it at load time; either way, encoding stops at the
 requested layer, so the layers after it are never computed.
 """
@@ -24,8 +26,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 
 SUPPORTED_FOLDERS = ("LI-DiT encodes with the HF folders of decoder-only text LLMs (Llama, Qwen2, Qwen3, Gemma, "
-                     "Gemma-2, Gemma-3, SmolLM2, Mistral), and with the language model of vision-language folders "
-                     "(Qwen2.5-VL, LLaVA).")
+                     "Gemma-2, Gemma-3, SmolLM2, Mistral), with the language model of vision-language folders "
+                     "(Qwen2.5-VL, LLaVA), and with T5-family encoders (T5, mT5, UMT5).")
+T5_TYPES = ("t5", "mt5", "umt5")
 
 
 class _Stop(Exception):
@@ -44,6 +47,16 @@ class LLM:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def is_encoder(self) -> bool:
+        """A T5-style encoder: bidirectional, so a shared prefix's states depend on what follows it."""
+        return getattr(self.model, "encoder", None) is not None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The stack that `hidden_states` indexes: the decoder's layers, or a T5 encoder's blocks."""
+        return self.model.encoder.block if self.is_encoder else self.model.layers
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +110,8 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'} cannot be read as a transformers config: {e}. Get the model "
                          "folder again, or a transformers version that knows its architecture.") from None
+    if config.model_type in T5_TYPES:
+        return _load_t5(path, config, layer, safe_dtype(dtype, compute_device or device), device, kw)
     text_config = config.get_text_config()
     if getattr(config, "vision_config", None) is not None:
         # the paper's LLMs were LLaVA-tuned: build the language model alone; transformers maps its keys
@@ -123,6 +138,27 @@ def load_llm(path: str | os.PathLike, layer: int | Sequence[int] | None = -3, dt
     model.requires_grad_(False).eval().to(device)
     final_norm.requires_grad_(False).to(device)
     return LLM(model, load_tokenizer(path, trust_remote_code), path.name, total, final_norm)
+
+
+def _load_t5(path: Path, config, layer: int | Sequence[int] | None, dtype: torch.dtype, device: torch.device | str,
+             kw: dict) -> LLM:
+    """A T5-family encoder, cut after the deepest layer asked for; its final norm kept apart, as for decoders."""
+    from transformers import AutoModelForTextEncoding
+    from transformers.utils import logging as hf_logging
+
+    total = config.num_layers
+    config.num_layers = total if layer is None else \
+        max(layers_needed(total, k) for k in ([layer] if isinstance(layer, int) else layer))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the weights of the cut layers are skipped on purpose
+    try:
+        model = AutoModelForTextEncoding.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    final_norm, model.encoder.final_layer_norm = model.encoder.final_layer_norm, nn.Identity()
+    model.requires_grad_(False).eval().to(device)
+    final_norm.requires_grad_(False).to(device)
+    return LLM(model, load_tokenizer(path, kw["trust_remote_code"]), path.name, total, final_norm)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -173,11 +209,11 @@ def encode(llm: LLM, prompts: list[str], template: PromptTemplate, max_tokens: i
     batch = tokenize_prompts(llm.tokenizer, prompts, template, max_tokens)
     mask = batch.mask.to(llm.device)
     k = layers_needed(llm.total_layers, layer)
-    if k > len(llm.model.layers):
-        raise ValueError(f"{llm.name} was loaded with {len(llm.model.layers)} of {llm.total_layers} layers; "
+    if k > len(llm.layers):
+        raise ValueError(f"{llm.name} was loaded with {len(llm.layers)} of {llm.total_layers} layers; "
                          f"hidden layer index {k} needs {k}: load it with more layers")
     ids = batch.input_ids.to(llm.device)
-    hidden = run_to_layer(llm.model.layers, k, lambda: llm.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state,
+    hidden = run_to_layer(llm.layers, k, lambda: llm.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state,
                           check)
     if k == llm.total_layers:  # transformers norms only the very last hidden state
         hidden = llm.final_norm(hidden)

@@ -188,12 +188,17 @@ class TextPathway(nn.Module):
     def null_for_empty(self, tokens: torch.Tensor, mask: torch.Tensor,
                        lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Rows without a prompt token (the empty prompt of CFG) get the learned null context."""
-        n = self.null.shape[0]
-        width = max(tokens.shape[1], n)
-        tokens, mask = pad_tokens(tokens, width), pad_tokens(mask, width)
-        empty = torch.tensor([k == 0 for k in lengths], device=tokens.device)
-        null = pad_tokens(self.null.to(tokens)[None], width)
-        null_mask = pad_tokens(torch.ones(1, n, dtype=torch.bool, device=tokens.device), width)
-        tokens = torch.where(empty[:, None, None], null, tokens)
-        mask = torch.where(empty[:, None], null_mask, mask)
-        return tokens, mask, [n if k == 0 else k for k in lengths]
+        return fill_empty(tokens, mask, lengths, self.null)
+
+
+def fill_empty(tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int],
+               null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The rows of length 0 replaced by the `null` tokens (N, width), all attended to."""
+    n = null.shape[0]
+    width = max(tokens.shape[1], n)
+    tokens, mask = pad_tokens(tokens, width), pad_tokens(mask, width)
+    empty = torch.tensor([k == 0 for k in lengths], device=tokens.device)
+    null_mask = pad_tokens(torch.ones(1, n, dtype=torch.bool, device=tokens.device), width)
+    tokens = torch.where(empty[:, None, None], pad_tokens(null.to(tokens)[None], width), tokens)
+    mask = torch.where(empty[:, None], null_mask, mask)
+    return tokens, mask, [n if k == 0 else k for k in lengths]

@@ -26,8 +26,9 @@ CORPUS = [
 ARCHS = ("llama", "qwen2", "gemma3")
 
 
-def tiny_tokenizer(chat: bool):
-    """A byte-level BPE trained on CORPUS; `chat` adds a ChatML template, otherwise it prepends BOS."""
+def tiny_tokenizer(chat: bool, t5: bool = False):
+    """A byte-level BPE trained on CORPUS; `chat` adds a ChatML template, `t5` appends EOS (T5's
+    </s>, and no BOS), otherwise it prepends BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,9 +38,11 @@ def tiny_tokenizer(chat: bool):
     specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if not chat:  # Llama-style: the tokenizer itself prepends BOS
+    if t5:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    elif not chat:  # Llama-style: the tokenizer itself prepends BOS
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None if t5 else "<s>", eos_token="</s>", pad_token="<pad>")
     if chat:  # ChatML, as Qwen2 and SmolLM2 use
         fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -66,6 +69,21 @@ def build_tiny_llm(folder: str | Path, arch: str, hidden: int, chat: bool, layer
     torch.manual_seed(0)
     folder = Path(folder)
     model_cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_t5(folder: str | Path, hidden: int = 24, layers: int = 3) -> Path:
+    """Save a random T5 encoder (what PixArt reads its captions with) and its tokenizer as an HF folder."""
+    import transformers
+
+    tok = tiny_tokenizer(chat=False, t5=True)
+    cfg = transformers.T5Config(vocab_size=len(tok), d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers,
+                                num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    folder = Path(folder)
+    transformers.T5EncoderModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -135,10 +135,10 @@ class PrefixEncoder:
                  reuse_prefix: bool = True) -> None:
         self.llm, self.template, self.max_tokens, self.layer = llm, template, max_tokens, layer
         self.k = layers_needed(llm.total_layers, layer)
-        if self.k > len(llm.model.layers):
-            raise ValueError(f"{llm.name} was loaded with {len(llm.model.layers)} layers; layer {layer} needs {self.k}")
+        if self.k > len(llm.layers):
+            raise ValueError(f"{llm.name} was loaded with {len(llm.layers)} layers; layer {layer} needs {self.k}")
         self.before, _ = template_ids(llm.tokenizer, template)
-        self.fast = reuse_prefix and self.k == len(llm.model.layers) and self.k > 0
+        self.fast = reuse_prefix and not llm.is_encoder and self.k == len(llm.layers) and self.k > 0
         self.calls = 0  # LLM forward passes, for tests and stats
         # transformers >= 5.2x names the KV cache argument `cache`, older versions `past_key_values`
         params = inspect.signature(llm.model.forward).parameters

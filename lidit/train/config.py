@@ -13,6 +13,7 @@ from ..diffusion import FLOW_LOSSES
 from ..lora import LoRAConfig
 from ..precision import DTYPES
 from ..text_encoder_file import TextEncoderFile
+from .teacher import TeacherConfig
 
 #: what a run trains: everything, or the LLM pathway (is_pathway_key) on a frozen backbone
 TRAINABLE = ("all", "pathway")
@@ -58,6 +59,7 @@ class TrainConfig:
     lora: Any = None                    # {"base": checkpoint, "rank", "alpha", "targets"}: train adapters on a frozen checkpoint
     init: str | None = None             # start from this LI-DiT checkpoint (e.g. a converted PixArt); its config is the model's
     trainable: str = "all"              # all | pathway (text.* and the cross-attention K/V; the rest frozen)
+    teacher: Any = None                 # {"pixart": file, "text_encoder": folder, "layer", "max_tokens"}: distil from PixArt
     activation_checkpointing: bool = False  # recompute each DiT block in the backward: memory for compute
     compile: str | None = None          # torch.compile each DiT block with this backend ("inductor"; "eager" traces only)
     checkpoint_every: int = 500
@@ -114,6 +116,14 @@ class TrainConfig:
         fields = {**self.lora, "targets": tuple(self.lora.get("targets", LoRAConfig.targets))}
         return LoRAConfig(**fields)
 
+    def teacher_config(self) -> TeacherConfig | None:
+        if self.teacher is None:
+            return None
+        try:
+            return TeacherConfig(**self.teacher)
+        except TypeError as e:
+            raise ValueError(f"teacher takes pixart, text_encoder, layer and max_tokens: {e}") from None
+
     def validate(self) -> None:
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
@@ -139,6 +149,12 @@ class TrainConfig:
                 raise ValueError("lora.base is the checkpoint LoRA starts from: leave init unset")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.teacher is not None:
+            self.teacher_config()
+            if not self.init or self.trainable != "pathway" or self.lora is not None or self.fsdp:
+                raise ValueError("distilling from PixArt (teacher) trains the pathway of a converted checkpoint on its "
+                                 "frozen backbone, which is also the teacher's: set init and trainable: pathway, and "
+                                 "neither lora nor fsdp")
         if not (self.data.source == "scenes" or self.data.source.startswith(("folder:", "shards:"))):
             raise ValueError(f"data.source must be 'scenes', 'folder:<path>' or 'shards:<path>', got {self.data.source!r}")
         if self.text_features not in ("offline", "online"):

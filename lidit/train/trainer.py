@@ -8,6 +8,7 @@ optimiser step), `log()` and `checkpoint()` until the step count, the wall-clock
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_config
-from ..diffusion import training_loss
+from ..diffusion import distillation_loss, training_loss
 from ..precision import native_bf16
 from ..states import TextStates
 from .build import build_model
@@ -30,6 +31,7 @@ from .optim import EMA, make_optimizer, weights_hash
 from .progress import Progress
 from .schedule import ema_decay_at, lr_at
 from .state import ResumeSaver, command_line, load_resume, rank_rngs, save_model
+from .teacher import Teacher
 from .watch import Watch
 
 
@@ -62,6 +64,8 @@ class Trainer:
         self.opt = make_optimizer(cfg, self.named, d.device)
         self.ema = EMA(self.named)
         self.dropout_rng, self.noise_gen = rank_rngs(cfg.seed, d.rank, d.device)
+        teacher = cfg.teacher_config()
+        self.teacher = Teacher(teacher, d.device) if teacher else None
         self.step, self.prior_seconds, self.images_seen, self.skipped = 0, 0.0, 0, 0
         self.window: list = []  # per-step losses (device tensors) since the last log line
         if resume:
@@ -107,8 +111,8 @@ class Trainer:
         self.t_loop = time.perf_counter()
 
     # --- one step -------------------------------------------------------------------------------
-    def next_micro_batch(self) -> tuple[torch.Tensor, list[TextStates]]:
-        """Images on the device and each branch's text states, with captions dropped to the empty prompt
+    def next_micro_batch(self) -> tuple[torch.Tensor, list[TextStates], list[str]]:
+        """Images on the device, each branch's text states and the captions, dropped to the empty prompt
         (the unconditional input of classifier-free guidance) at `caption_dropout`."""
         x0, captions, *mapped = self.stream.next_batch(self.micro)  # shards also hand each branch's mapped states
         if self.cfg.caption_dropout > 0:
@@ -116,16 +120,21 @@ class Trainer:
             captions = ["" if dropped else c for c, dropped in zip(captions, drop)]
         entries = mapped[0] if mapped and mapped[0] else [None] * len(self.sources)
         texts = [src.states(captions, self.d.device, e) for src, e in zip(self.sources, entries)]
-        return x0.to(self.d.device), texts
+        return x0.to(self.d.device), texts, captions
 
-    def forward_backward(self, x0: torch.Tensor, texts: list[TextStates], sync: bool) -> torch.Tensor:
-        """The loss of one micro-batch, its gradients accumulated; `sync`: reduce them across ranks now."""
+    def forward_backward(self, x0: torch.Tensor, texts: list[TextStates], captions: list[str], sync: bool) -> torch.Tensor:
+        """The loss of one micro-batch (denoising, or distillation from the teacher), its gradients
+        accumulated; `sync`: reduce them across ranks now."""
         net = self.net
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
             net.set_requires_gradient_sync(sync)
         ctx = net.no_sync() if not sync and hasattr(net, "no_sync") else contextlib.nullcontext()
         with ctx, torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = training_loss(net, self.model_cfg, x0, texts, generator=self.noise_gen, flow_loss=self.cfg.flow_loss)
+            if self.teacher is not None:
+                teacher = functools.partial(self.teacher.predict, self.model, captions=captions)
+                loss = distillation_loss(net, teacher, self.model_cfg, x0, texts, generator=self.noise_gen)
+            else:
+                loss = training_loss(net, self.model_cfg, x0, texts, generator=self.noise_gen, flow_loss=self.cfg.flow_loss)
             (loss / self.cfg.grad_accum).backward()
         return loss.detach().float()
 
@@ -140,8 +149,8 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.d.device)  # summed on the device: no sync per micro-batch
         for k in range(cfg.grad_accum):
-            x0, texts = self.next_micro_batch()
-            total += self.forward_backward(x0, texts, sync=k == cfg.grad_accum - 1) / cfg.grad_accum
+            x0, texts, captions = self.next_micro_batch()
+            total += self.forward_backward(x0, texts, captions, sync=k == cfg.grad_accum - 1) / cfg.grad_accum
         if cfg.grad_clip > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.grad_clip)
         finite = bool(torch.isfinite(total)) and bool(torch.isfinite(self.grad_norm))

@@ -123,3 +123,25 @@ def test_any_layer_of_a_fully_loaded_llm_matches_transformers(tiny_llm_dirs):
         h.remove()
     with pytest.raises(ValueError, match="loaded with 2 of 4 layers"):
         encode(load_llm(folder), [prompt], PLAIN, 32, layer=-1)
+
+
+def test_a_t5_encoder_gives_transformers_states_and_is_cut_at_the_layer(tmp_path):
+    """PixArt's text encoder: T5's tokens of the caption and </s>, the states transformers gives, and
+    no block after the one asked for is built."""
+    import transformers
+
+    from lidit.instruction import PromptTemplate
+    from tests.fixtures_models import build_tiny_t5
+
+    folder = build_tiny_t5(tmp_path / "t5")
+    template = PromptTemplate(instruction="", chat_template=False)
+    ref = transformers.T5EncoderModel.from_pretrained(folder).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(folder)(["a red circle", "x"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = ref(**batch, output_hidden_states=True)
+    states = encode(load_llm(folder, layer=-1), ["a red circle", "x"], template, 32, layer=-1)
+    assert torch.equal(states.mask, batch["attention_mask"].bool())  # </s> included: an encoder's own token
+    torch.testing.assert_close(states.hidden, want.last_hidden_state * states.mask[..., None])
+    cut = load_llm(folder, layer=-2)
+    assert len(cut.layers) == 2 and cut.is_encoder
+    torch.testing.assert_close(encode(cut, ["a red circle"], template, 32, layer=-2).hidden, want.hidden_states[-2][:1, :4])

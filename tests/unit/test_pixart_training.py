@@ -1,5 +1,6 @@
-"""Training the LLM pathway of a converted PixArt with the trainer's denoising loss: only the pathway
-moves, the fresh refiners get their feature statistics, and a stopped run resumes to the same weights."""
+"""Training the LLM pathway of a converted PixArt, with the trainer's denoising loss and by distillation
+from PixArt itself: only the pathway moves, the fresh refiners get their feature statistics, a stopped
+run resumes to the same weights, and distillation closes the gap to the teacher."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from lidit.cli import main as lidit_main
 from lidit.pixart import is_pathway_key
 from lidit.train import TrainConfig, train
-from tests.fixtures_models import TINY_PIXART, build_tiny_pixart
+from tests.fixtures_models import TINY_PIXART, build_tiny_pixart, build_tiny_t5
 
 SIDE = 384  # PixArt's position table needs a mean side above 264 px
 
@@ -46,13 +47,13 @@ def data(tmp_path_factory) -> dict[str, str]:
     return {"images": str(root), "vae": str(root / "vae")}
 
 
-def run(converted: Path, data: dict, tiny_llm_dirs: dict, out: Path, **kw) -> dict:
+def run(converted: Path, data: dict, tiny_llm_dirs: dict, out: Path, config: dict | None = None, **kw) -> dict:
     cfg = TrainConfig.from_dict({
         "init": str(converted), "trainable": "pathway", "llms": list(tiny_llm_dirs.values()),
         "data": {"source": f"folder:{data['images']}", "vae": data["vae"], "buckets": "none"},
         "output_dir": str(out), "cache_dir": str(out.parent / "cache"), "steps": 2, "batch_size": 2, "lr": 1e-2,
         "log_every": 1, "checkpoint_every": 1, "device": "cpu", "progress": "none", "caption_dropout": 0.5,
-        "mixed_precision": "no"})
+        "mixed_precision": "no", **(config or {})})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny VAE's scaling factor is not SDXL's
         return train(cfg, **kw)
@@ -86,3 +87,39 @@ def test_the_trained_pathway_joins_the_pixart_it_was_trained_on(converted, data,
     _, joined = join_pathway(pixart, tmp_path / "p.safetensors")
     trained = load_file(tmp_path / "run" / "model.safetensors")
     assert set(joined) == set(trained) and all(torch.equal(joined[k], trained[k]) for k in trained)
+
+
+@pytest.fixture(scope="module")
+def teacher(converted) -> dict:
+    """PixArt's own weights and a tiny T5 encoder as wide as its caption channels."""
+    t5 = build_tiny_t5(converted.parent / "t5", hidden=TINY_PIXART["caption"])
+    return {"pixart": str(converted.parent / "pixart.safetensors"), "text_encoder": str(t5), "max_tokens": 32}
+
+
+def test_distillation_trains_only_the_pathway_and_resumes_exactly(converted, data, tiny_llm_dirs, teacher, tmp_path):
+    distil = {"teacher": teacher}
+    run(converted, data, tiny_llm_dirs, tmp_path / "whole", distil)
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", distil, stop_after=1)
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", distil, resume=tmp_path / "split" / "resume")
+    before = load_file(converted)
+    whole, split = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "split"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    moved = {k for k in before if not torch.equal(before[k], whole[k])}
+    assert moved and all(is_pathway_key(k) for k in moved)
+
+
+def test_distillation_closes_the_gap_to_the_teacher(converted, data, tiny_llm_dirs, teacher, tmp_path):
+    """The student's squared distance to PixArt's predictions, logged per step, falls."""
+    import json
+
+    run(converted, data, tiny_llm_dirs, tmp_path / "run",
+        {"teacher": teacher, "steps": 12, "caption_dropout": 0.0, "checkpoint_every": 100})
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_a_teacher_needs_a_converted_checkpoint_and_a_frozen_backbone(teacher):
+    with pytest.raises(ValueError, match="set init and trainable: pathway"):
+        TrainConfig.from_dict({"teacher": teacher, "init": "x.safetensors"})
+    with pytest.raises(ValueError, match="teacher takes pixart, text_encoder"):
+        TrainConfig.from_dict({"teacher": {"pixart": "x"}, "init": "x", "trainable": "pathway"})
