@@ -55,13 +55,13 @@ class LoadedLLM:
         release_free_memory()
         llm = load_llm(folder, layer=layers, dtype=weight_dtype, device=offload_device, compute_device=load_device)
         logging.info("LI-DiT: loaded LLM %s from %s (%d of %d layers, hidden %d, %s)", llm.name, folder,
-                     len(llm.model.layers), llm.total_layers, llm.hidden_size, next(llm.model.parameters()).dtype)
+                     len(llm.layers), llm.total_layers, llm.hidden_size, next(llm.model.parameters()).dtype)
         patcher = comfy.model_patcher.ModelPatcher(LLMWeights(llm), load_device=load_device, offload_device=offload_device)
         return cls(llm, patcher, folder, weight_dtype, load_device, offload_device)
 
     def serve(self, layer: int) -> None:
         """Make sure hidden layer `layer` can be computed: reload deeper if the decoder was cut before it."""
-        if layers_needed(self.llm.total_layers, layer) > len(self.llm.model.layers):
+        if layers_needed(self.llm.total_layers, layer) > len(self.llm.layers):
             fresh = LoadedLLM.load(self.folder, [layer], self.weight_dtype, self.load_device, self.offload_device)
             self.llm, self.patcher = fresh.llm, fresh.patcher
 
