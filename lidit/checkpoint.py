@@ -5,6 +5,10 @@ describes and names the first offending key, so a truncated or foreign file fail
 `load_into` streams the tensors straight into a built model's storage with plain reads: peak
 memory is the model plus its largest tensor, never a second copy of the file (a memory map
 would keep every page of the file resident beside the model).
+
+A model saved by ComfyUI's stock ModelSave (a LoRA baked in, or a merge) is read too: its weights
+are under `model.diffusion_model.`, and ComfyUI writes no metadata of its own, so the LI-DiT host
+stores the config as the UTF-8 bytes of its JSON in a uint8 tensor named `lidit_config`.
 """
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ def save_checkpoint(path: str | os.PathLike, model: LIDiTModel, extra: Mapping[s
 
 
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+#: a file saved by ComfyUI's ModelSave: the weights under this prefix, the config JSON in a uint8 tensor
+STOCK_PREFIX = "model.diffusion_model."
+STOCK_CONFIG_KEY = "lidit_config"
+#: the other top-level keys ComfyUI's save writes for a model of LI-DiT's kinds (v-prediction marks)
+STOCK_EXTRAS = {"v_pred", "ztsnr"}
+MAX_CONFIG_BYTES = 2**20
 
 
 def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict], dict[str, str]]:
@@ -96,14 +106,45 @@ def config_of(metadata: Mapping[str, str], name: str) -> LIDiTConfig:
                               "trainer.") from None
 
 
+def stock_saved(path: str | os.PathLike, start: int, header: dict[str, dict],
+                metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """(header, metadata) as lidit's own format has them: for a file ComfyUI's ModelSave wrote,
+    the weights' entries without their `model.diffusion_model.` prefix and the config moved from
+    its tensor into the metadata; any other file as it is."""
+    if "lidit_config" in metadata or not any(k.startswith(STOCK_PREFIX) for k in header):
+        return header, metadata
+    name = os.path.basename(path)
+    info = header.get(STOCK_CONFIG_KEY)
+    if info is None:
+        raise CheckpointError(
+            f"{name} was saved by ComfyUI (ModelSave or CheckpointSave: its weights are under "
+            f"{STOCK_PREFIX!r}) from a MODEL that is not LI-DiT, so it has no 'lidit_config'. Load it with the loader "
+            "of the model it belongs to; to save an LI-DiT model, feed ModelSave a MODEL that comes from the LI-DiT "
+            "Loader (LoRAs and merges on the way are fine).")
+    begin, stop = info["data_offsets"]
+    if info["dtype"] != "U8" or len(info["shape"]) != 1 or stop - begin > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{name}: its {STOCK_CONFIG_KEY!r} tensor is not the UTF-8 bytes of a config "
+                              f"({str(info)[:120]}). Save the model again with ModelSave.")
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        text = f.read(stop - begin).decode("utf-8", errors="replace")
+    others = sorted(k for k in header if not k.startswith(STOCK_PREFIX) and k not in STOCK_EXTRAS | {STOCK_CONFIG_KEY})
+    if others:
+        raise CheckpointError(f"{name} holds more than an LI-DiT model (e.g. {others[0]!r}): save the MODEL alone, "
+                              "with ModelSave rather than CheckpointSave.")
+    return ({k[len(STOCK_PREFIX):]: v for k, v in header.items() if k.startswith(STOCK_PREFIX)},
+            {**metadata, "lidit_config": text})
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    metadata = read_header(path)[2]
+    start, header, metadata = read_header(path)
+    metadata = stock_saved(path, start, header, metadata)[1]
     config_of(metadata, os.path.basename(path))
     return metadata
 
 
 def read_config(path: str | os.PathLike) -> LIDiTConfig:
-    return config_of(read_header(path)[2], os.path.basename(path))
+    return config_of(read_metadata(path), os.path.basename(path))
 
 
 @dataclass
@@ -120,6 +161,7 @@ class CheckpointFile:
     def open(cls, path: str | os.PathLike) -> CheckpointFile:
         name = os.path.basename(path)
         start, header, metadata = read_header(path)
+        header, metadata = stock_saved(path, start, header, metadata)
         config = config_of(metadata, name)
         with torch.device("meta"):
             expected = LIDiTModel(config)

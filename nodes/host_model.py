@@ -19,11 +19,13 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.supported_models_base
 from comfy.cli_args import args
 
-from ..lidit.checkpoint import CheckpointError, CheckpointFile, load_into
+from ..lidit.checkpoint import STOCK_CONFIG_KEY, CheckpointError, CheckpointFile, load_into
 from ..lidit.config import LIDiTConfig
+from ..lidit.dit import DiTBlock
 from ..lidit.model import LIDiTModel
 from ..lidit.precision import DTYPES, cpu_has_native_bf16
 from . import conditioning
@@ -32,9 +34,11 @@ from .conditioning import FINGERPRINT, LAYOUT, MASK, PROMPT
 from .memory import release_free_memory
 
 LATENT_FORMATS = {"pixel": comfy.latent_formats.ChromaRadiance, "sd3": comfy.latent_formats.SD3,
-                  "flux": comfy.latent_formats.Flux}
+                  "flux": comfy.latent_formats.Flux, "sd15": comfy.latent_formats.SD15, "sdxl": comfy.latent_formats.SDXL}
 #: image pixels per latent pixel, per latent format
-DOWNSCALE = {"pixel": 1, "sd3": 8, "flux": 8}
+DOWNSCALE = {"pixel": 1, "sd3": 8, "flux": 8, "sd15": 8, "sdxl": 8}
+#: ComfyUI's sampling settings of lidit's DDPM schedules (comfy.model_sampling: "linear" is scaled-linear)
+DDPM_SETTINGS = {"scaled_linear": {}, "linear": {"beta_schedule": "sqrt_linear", "linear_start": 1e-4, "linear_end": 0.02}}
 MODEL_TYPES = {"flow": comfy.model_base.ModelType.FLOW, "eps": comfy.model_base.ModelType.EPS,
                "v": comfy.model_base.ModelType.V_PREDICTION}
 #: the loader's weight_dtype options (as UNETLoader's, plus the plain float types); *_fast: fp8 matmuls where the GPU has them
@@ -46,21 +50,80 @@ TEXT = "lidit_text"  # the model kwarg that carries the prepared text (condition
 VALUES_PER_TOKEN = 12
 
 
+_reported_blocks: set = set()
+
+
+class HostAttend:
+    """ComfyUI's attention for one forward (`host_attend`), carrying that forward's
+    transformer_options to the DiT blocks, which honour ComfyUI's block patches."""
+
+    def __init__(self, transformer_options: dict, depth: int) -> None:
+        self.options = transformer_options
+        self.blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        self.depth = depth
+        self.call = host_attend(transformer_options, depth)
+        unused = sorted(str(key) for key in self.blocks_replace if key[0] != "double_block" or key[1] >= depth)
+        if unused and tuple(unused) not in _reported_blocks:
+            _reported_blocks.add(tuple(unused))
+            logging.warning("LI-DiT: ignoring block patches it has no block for: %s. LI-DiT's %d DiT blocks are "
+                            "('double_block', 0..%d); it has no single-stream blocks (SkipLayerGuidanceDiT: use "
+                            "double_layers).", ", ".join(unused), depth, depth - 1)
+
+    def __call__(self, q, k, v, mask, site):
+        return self.call(q, k, v, mask, site)
+
+
+class HostDiTBlock(DiTBlock):
+    """A DiT block that honours ComfyUI's `patches_replace["dit"][("double_block", i)]` the way
+    core cross-attention DiTs (Wan) do: the patch gets {"img", "txt", "vec", "pe",
+    "transformer_options"} and {"original_block"}, and returns {"img", ...}. SkipLayerGuidanceDiT's
+    `double_layers` land here. `block_index`, `total_blocks` and `block_type` are set in
+    transformer_options for patches that read them, as in Flux. The weights are DiTBlock's own."""
+
+    def forward(self, x, c, text, index, attend, *args, **kwargs):
+        if not isinstance(attend, HostAttend):
+            return super().forward(x, c, text, index, attend, *args, **kwargs)
+        options = attend.options
+        options["block_index"], options["total_blocks"], options["block_type"] = index, attend.depth, "double"
+        patch = attend.blocks_replace.get(("double_block", index))
+        if patch is None:
+            return super().forward(x, c, text, index, attend, *args, **kwargs)
+
+        def original_block(a: dict) -> dict:
+            return {"img": DiTBlock.forward(self, a["img"], a["vec"], text, index, attend, *args, **kwargs),
+                    "txt": a["txt"]}
+        out = patch({"img": x, "txt": text.tokens, "vec": c, "pe": None, "transformer_options": options},
+                    {"original_block": original_block})
+        return out["img"]
+
+
 class LIDiTHostNet(LIDiTModel):
     """lidit's model with the `diffusion_model(x, timesteps, context, **conds)` call ComfyUI makes.
 
     A subclass rather than a wrapper, so its weight names are the checkpoint's own (`text.*`,
-    `dit.*`) for ComfyUI's patching too.
+    `dit.*`) for ComfyUI's patching too. Its forward runs ComfyUI's DIFFUSION_MODEL wrappers
+    (EasyCache, and any extension that wraps a core model's forward) as core models do.
     """
 
     def __init__(self, lidit_config: LIDiTConfig, dtype=None, device=None, operations=None) -> None:
         super().__init__(lidit_config, ops=operations, dtype=dtype, device=device)
         self.dtype = dtype
+        for block in self.dit.blocks:
+            block.__class__ = HostDiTBlock
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options: dict | None = None,
                 **kwargs) -> torch.Tensor:
+        transformer_options = {} if transformer_options is None else transformer_options
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward, self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options)
+        ).execute(x, timesteps, context, transformer_options=transformer_options, **kwargs)
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None, transformer_options: dict | None = None,
+                 **kwargs) -> torch.Tensor:
         branches = [b.map(lambda t: t.to(x.device, x.dtype if t.is_floating_point() else None)) for b in kwargs[TEXT]]
-        return super().forward(x, timesteps, branches, host_attend(transformer_options or {}, self.config.dit.depth))
+        return super().forward(x, timesteps, branches, HostAttend(transformer_options or {}, self.config.dit.depth))
 
 
 class LIDiTHostModel(comfy.model_base.BaseModel):
@@ -134,11 +197,21 @@ class LIDiTSupportedModel(comfy.supported_models_base.BASE):
     def __init__(self, lidit_config: LIDiTConfig) -> None:
         self.lidit_config = lidit_config
         self.latent_format = LATENT_FORMATS[lidit_config.latent_format]
-        self.sampling_settings = {"shift": lidit_config.shift, "multiplier": 1000} if lidit_config.prediction == "flow" else {}
+        flow = lidit_config.prediction == "flow"
+        self.sampling_settings = {"shift": lidit_config.shift, "multiplier": 1000} if flow else \
+            DDPM_SETTINGS[lidit_config.schedule]
         super().__init__({"lidit_config": lidit_config})
 
     def get_model(self, state_dict=None, prefix="", device=None) -> LIDiTHostModel:
         return LIDiTHostModel(self, MODEL_TYPES[self.lidit_config.prediction], device=device)
+
+    def process_unet_state_dict_for_saving(self, state_dict: dict) -> dict:
+        """For ComfyUI's ModelSave (a LoRA baked in, a merge): the weights under ComfyUI's prefix, and
+        the config, which ComfyUI's save has no metadata for, as a uint8 tensor of its JSON; the
+        LI-DiT Loader reads both (`lidit.checkpoint.stock_saved`)."""
+        out = super().process_unet_state_dict_for_saving(state_dict)
+        out[STOCK_CONFIG_KEY] = torch.frombuffer(bytearray(self.lidit_config.to_json().encode()), dtype=torch.uint8)
+        return out
 
 
 def lidit_config_of(model: comfy.model_patcher.ModelPatcher) -> LIDiTConfig:
