@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-import perf_host  # noqa: E402  (also puts ComfyUI's helpers on the path)
+import perf_host  # noqa: E402  (also puts ComfyUI on the import path)
 
 inproc = perf_host.inproc
 #: an H100 SXM's dense bf16 matmul peak and HBM3 bandwidth (NVIDIA's data sheet), and the matmul

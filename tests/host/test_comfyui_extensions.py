@@ -109,7 +109,7 @@ def test_easycache_and_lazycache_skip_steps_and_keep_the_objects(demo_assets, ca
 
 
 def test_torch_compile_draws_the_same_image_and_recompiles_only_for_new_dynamic_dims(tiny) -> None:
-    """TorchCompileModel's own helper (set_torch_compile_wrapper, an APPLY_MODEL wrapper that swaps in
+    """TorchCompileModel's own function (set_torch_compile_wrapper, an APPLY_MODEL wrapper that swaps in
     the compiled diffusion_model) with dynamo's eager backend: which graphs are traced, and when
     they recompile, is dynamo's doing whatever the backend (inductor's compile would take minutes
     here; scripts/perf_compile.py runs inductor and compares its image). The image equals the eager
