@@ -84,8 +84,8 @@ def template_ids(tokenizer, template: PromptTemplate) -> tuple[list[int], list[i
     head = f"{template.system_prompt}\n\n{lead}" if template.system_prompt else lead
     plain = tokenizer("x", add_special_tokens=True)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and plain[0] == tokenizer.bos_token_id else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and plain[-1] == tokenizer.eos_token_id \
-        and len(plain) > 1 else []  # an encoder's end of sequence (T5's </s>): decoder LLMs add none
+    eos_id = getattr(tokenizer, "eos_token_id", None)  # (ComfyUI's sentencepiece tokenizers have none)
+    eos = [eos_id] if eos_id is not None and len(plain) > 1 and plain[-1] == eos_id else []  # T5's </s>: LLMs add none
     return bos + _ids(tokenizer, head), eos
 
 
