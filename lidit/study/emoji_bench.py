@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.emoji import Emoji, load_catalog, stable_fraction
+from ..data.emoji import Emoji, caption, load_catalog, stable_fraction
 from .emoji_scorer import Scorer, accuracy, rasterise_svg, read_real
 
 OPENMOJI_TGZ = ".cache/emoji/npm/openmoji-17.0.0.tgz"
@@ -74,6 +74,45 @@ def ceiling(root: str | Path, openmoji: str | Path | None = OPENMOJI_TGZ, limit:
     return result
 
 
+#: the README grid: (key, trained label, a phrasing of it that no caption holds), all drawn in one style
+GRID = [("1f422", "turtle", "tortoise"), ("1f355", "pizza", "pepperoni"), ("1f47b", "ghost", "fantôme"),
+        ("1f34c", "banana", "plátano"), ("1f30b", "volcano", "eruption"), ("1f438", "frog", "grenouille")]
+
+
+def grid(checkpoint: str | Path, llm_folders: Sequence[str], out: str | Path, data: str | Path = "data/emoji",
+         style: str = "twitter", seed: int = 0, cell: int = 96) -> list[str]:
+    """A picture per row: the real emoji, then the model's drawing of its trained label and of a
+    phrasing never trained on (checked against set (b)), each over its prompt. Returns the prompts."""
+    from PIL import Image, ImageDraw
+
+    from ..checkpoint import load_checkpoint
+    from ..llm import load_llm
+    from .benchmark import draw
+
+    emojis, catalog = load_catalog(data)
+    held_out = {(p["key"], p["text"]) for p in catalog["phrasings"]}
+    labels = {e.key: e.label for e in emojis}
+    for key, label, phrasing in GRID:
+        if labels.get(key) != label or (key, phrasing) not in held_out:
+            raise ValueError(f"{label!r} / {phrasing!r} is not a trained label and a held-out phrasing of {key}")
+    model = load_checkpoint(checkpoint)
+    llms = [load_llm(folder, layer=b.layer) for folder, b in zip(llm_folders, model.config.text.branches)]
+    prompts = [caption(text, style) for _, label, phrasing in GRID for text in (label, phrasing)]
+    images = draw(model, llms, prompts, seed)
+    sheet = Image.new("RGB", (3 * cell, len(GRID) * (cell + 16)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for row, (key, _, _) in enumerate(GRID):
+        y = row * (cell + 16)
+        real = Image.open(Path(data) / "real" / style / f"{key}.png").convert("RGB").resize((cell, cell))
+        drawn = [Image.fromarray((images[2 * row + i].permute(1, 2, 0) * 255).round().byte().numpy())
+                 .resize((cell, cell), Image.NEAREST) for i in (0, 1)]
+        for col, (picture, text) in enumerate(zip([real, *drawn], ["real", *prompts[2 * row:2 * row + 2]])):
+            sheet.paste(picture, (col * cell, y))
+            pen.text((col * cell + 2, y + cell + 2), text.split(",")[0][:18], fill="black")
+    sheet.save(out)
+    return prompts
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lidit eval emoji", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +121,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--openmoji", default=OPENMOJI_TGZ, help="the openmoji npm tarball; '' to skip")
     p.add_argument("--limit", type=int, help="at most this many queries per figure")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    p = sub.add_parser("grid", help="the README picture: real emoji, and drawings of trained and unseen phrasings")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--llm", action="append", required=True, help="HF folder per branch, in the checkpoint's order")
+    p.add_argument("--data", default="data/emoji")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "grid":
+        return {"prompts": grid(args.checkpoint, args.llm, args.out, args.data, seed=args.seed)}
     result = ceiling(args.data, args.openmoji or None, args.limit)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -270,3 +270,30 @@ def test_ceiling_command_fits_on_one_half_and_queries_the_other(tiny_emoji, tmp_
         assert figure["n"] == n and 0 <= figure["top1"]["lo"] <= figure["top1"]["value"] <= figure["top5"]["value"]
         assert result[name]["base_emoji"]["top1"]["value"] >= figure["top1"]["value"]
     assert "openmoji->both" not in result and json.loads(out.read_text()) == result
+
+
+def test_grid_command_draws_a_row_per_concept_from_its_label_and_an_unseen_phrasing(tiny_emoji, tiny_llm_dirs, tmp_path,
+                                                                                    monkeypatch):
+    """The README picture's command, on a tiny random checkpoint: one row per concept (real, label,
+    phrasing); a phrasing that a caption holds is refused."""
+    from PIL import Image
+
+    from lidit.checkpoint import save_checkpoint
+    from lidit.config import preset
+    from lidit.model import LIDiTModel
+    from lidit.study import emoji_bench
+
+    emojis, catalog = E.load_catalog(tiny_emoji)
+    label = {e.key: e.label for e in emojis}
+    rows = [(p["key"], label[p["key"]], p["text"]) for p in catalog["phrasings"][:2]]
+    monkeypatch.setattr(emoji_bench, "GRID", rows)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, LIDiTModel(preset("tiny")).init_weights())
+    llms = list(tiny_llm_dirs.values())
+    prompts = lidit_main(["eval", "emoji", "grid", "--checkpoint", str(ckpt), *(a for f in llms for a in ("--llm", f)),
+                          "--data", str(tiny_emoji), "--out", str(tmp_path / "grid.png")])["prompts"]
+    assert prompts == [E.caption(text, "twitter") for _, lbl, phrase in rows for text in (lbl, phrase)]
+    assert Image.open(tmp_path / "grid.png").size == (3 * 96, 2 * (96 + 16))
+    monkeypatch.setattr(emoji_bench, "GRID", [(rows[0][0], rows[0][1], rows[0][1])])  # the label itself: trained
+    with pytest.raises(ValueError, match="not a trained label and a held-out phrasing"):
+        emoji_bench.grid(ckpt, llms, tmp_path / "no.png", tiny_emoji)
