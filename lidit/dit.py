@@ -9,7 +9,7 @@ table before it is an optional extra (`DiTConfig.pos_table`).
 The switches of `DiTConfig` (QK-norm, the cross-attention's query norm, PixArt's table rule,
 adaLN-single, the final layer's table modulation, the pooled path) default to the paper's choices;
 together they make this backbone compute exactly what PixArt-alpha and -Sigma compute
-(`lidit.convert.pixart`).
+(`lidit.pixart`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def pixart_sincos_2d(dim: int, h: int, w: int, pe_interpolation: float | None, p
     """PixArt's table: the grid scaled to a base size and by `pe_interpolation`, columns first.
 
     As ComfyUI's PixArtMS computes it: the base size and, when None, the interpolation come from the
-    mean side in latent pixels (it rounds the base size to 0 below 32 latent pixels).
+    mean side in latent pixels (the base size rounds to 0 below a mean side of 33).
     """
     mean_side = (h + w) * patch // 2
     if pe_interpolation is None:

@@ -181,14 +181,9 @@ class TextPathway(nn.Module):
         # DDP sees them all used (a zero-length context would leave them out of the graph)
         tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1),
                                  max(1, *lengths))
-        if hasattr(self, "null") and 0 in lengths:
-            tokens, mask, lengths = self.null_for_empty(tokens, mask, lengths)
+        if hasattr(self, "null") and 0 in lengths:  # the empty prompt of CFG: the learned null context
+            tokens, mask, lengths = fill_empty(tokens, mask, lengths, self.null)
         return TextContext(tokens, mask, lengths)
-
-    def null_for_empty(self, tokens: torch.Tensor, mask: torch.Tensor,
-                       lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Rows without a prompt token (the empty prompt of CFG) get the learned null context."""
-        return fill_empty(tokens, mask, lengths, self.null)
 
 
 def fill_empty(tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int],
