@@ -83,7 +83,7 @@ def grid(checkpoint: str | Path, llm_folders: Sequence[str], out: str | Path, da
          style: str = "twitter", seed: int = 0, cell: int = 96) -> list[str]:
     """A picture per row: the real emoji, then the model's drawing of its trained label and of a
     phrasing never trained on (checked against set (b)), each over its prompt. Returns the prompts."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from ..checkpoint import load_checkpoint
     from ..llm import load_llm
@@ -101,6 +101,10 @@ def grid(checkpoint: str | Path, llm_folders: Sequence[str], out: str | Path, da
     images = draw(model, llms, prompts, seed)
     sheet = Image.new("RGB", (3 * cell, len(GRID) * (cell + 16)), "white")
     pen = ImageDraw.Draw(sheet)
+    try:  # a font with accents (fantôme, plátano); Pillow's own lacks them
+        font = ImageFont.truetype("DejaVuSans.ttf", 11)
+    except OSError:
+        font = ImageFont.load_default(size=11)
     for row, (key, _, _) in enumerate(GRID):
         y = row * (cell + 16)
         real = Image.open(Path(data) / "real" / style / f"{key}.png").convert("RGB").resize((cell, cell))
@@ -108,7 +112,7 @@ def grid(checkpoint: str | Path, llm_folders: Sequence[str], out: str | Path, da
                  .resize((cell, cell), Image.NEAREST) for i in (0, 1)]
         for col, (picture, text) in enumerate(zip([real, *drawn], ["real", *prompts[2 * row:2 * row + 2]])):
             sheet.paste(picture, (col * cell, y))
-            pen.text((col * cell + 2, y + cell + 2), text.split(",")[0][:18], fill="black")
+            pen.text((col * cell + 2, y + cell + 2), text.split(",")[0][:18], fill="black", font=font)
     sheet.save(out)
     return prompts
 
