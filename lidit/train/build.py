@@ -16,35 +16,37 @@ from .config import TrainConfig
 from .dist import Dist
 
 
-def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list,
-                bf16: bool) -> tuple[LIDiTModel, torch.nn.Module]:
-    """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself).
+def make_model(model_cfg: LIDiTConfig, cfg: TrainConfig, sources: list) -> LIDiTModel:
+    """The bare model on the host, before any wrapping: fresh, from `init`, or a LoRA base with adapters.
 
     Every rank measures the same feature statistics from the same captions (`sources`: the text
     sources of `inputs.text_sources`, each with `channel_stats()`).
     """
-    def make() -> LIDiTModel:
-        torch.manual_seed(cfg.seed)
-        lora = cfg.lora_config()
-        if lora:  # the base keeps its own feature statistics: its weights were trained on them
-            model = load_checkpoint(lora.base)
-            add_lora(model, lora)
-        elif cfg.init:
-            model = load_checkpoint(cfg.init)
-            if not feature_stats_measured(model):  # a fresh pathway, e.g. from the PixArt converter
-                model.text.set_feature_stats([source.channel_stats() for source in sources])
-        else:
-            model = LIDiTModel(model_cfg).init_weights()
+    torch.manual_seed(cfg.seed)
+    lora = cfg.lora_config()
+    if lora:  # the base keeps its own feature statistics: its weights were trained on them
+        model = load_checkpoint(lora.base)
+        add_lora(model, lora)
+    elif cfg.init:
+        model = load_checkpoint(cfg.init)
+        if not feature_stats_measured(model):  # a fresh pathway, e.g. from the PixArt converter
             model.text.set_feature_stats([source.channel_stats() for source in sources])
-        if cfg.trainable == "pathway":
-            for name, p in model.named_parameters():
-                p.requires_grad_(is_pathway_key(name) or (lora is not None and p.requires_grad))
-        model.dit.checkpointing = cfg.activation_checkpointing
-        if cfg.compile:
-            for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's
-                block.compile(backend=cfg.compile)
-        return model
+    else:
+        model = LIDiTModel(model_cfg).init_weights()
+        model.text.set_feature_stats([source.channel_stats() for source in sources])
+    if cfg.trainable == "pathway":
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_pathway_key(name) or (lora is not None and p.requires_grad))
+    model.dit.checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's
+            block.compile(backend=cfg.compile)
+    return model
 
+
+def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list,
+                bf16: bool) -> tuple[LIDiTModel, torch.nn.Module]:
+    """(the bare model, the module to call: DDP- or FSDP-wrapped, or the model itself)."""
     # parameters a step may not reach: a single branch's collaborative block (nothing to attend to), and
     # the null context, used only by a batch that drew an empty caption
     unused = len(model_cfg.text.branches) == 1 or model_cfg.text.null_tokens > 0
@@ -58,7 +60,7 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list
         # holds one full copy at once, not one per process (40 GB each for lidit-10b in float32).
         for turn in range(d.local_world):
             if turn == d.local_rank:
-                model = make()
+                model = make_model(model_cfg, cfg, sources)
                 # refiner blocks, not whole refiners: their input projections run in `prepare`,
                 # inside the root's forward, so they belong to the root unit
                 units = [*(b for r in model.text.refiners for b in r.blocks), *model.text.collab, *model.dit.blocks]
@@ -71,7 +73,7 @@ def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list
             d.barrier()
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         return model, model
-    model = make().to(d.device)
+    model = make_model(model_cfg, cfg, sources).to(d.device)
     if d.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
