@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # the pack, and provision_llms beside this script
+
+from provision_llms import sha256_file  # noqa: E402
 
 from lidit.data import emoji as emoji_data  # noqa: E402
 
@@ -46,19 +48,11 @@ def log(message: str) -> None:
     print(f"[emoji] {message}", flush=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(name: str, cache: Path) -> Path:
     """The checked tarball of a pinned package, from the cache or through `npm pack`."""
     version, pin = PACKAGES[name]
     tarball = cache / f"{name}-{version}.tgz"
-    if tarball.is_file() and sha256(tarball) == pin:
+    if tarball.is_file() and sha256_file(tarball) == pin:
         return tarball
     npm = shutil.which("npm")
     if npm is None:
@@ -70,7 +64,7 @@ def fetch(name: str, cache: Path) -> Path:
     if run.returncode != 0 or not tarball.is_file():
         raise FetchError(f"`npm pack {name}@{version}` failed (exit {run.returncode}): the npm registry could not be "
                          f"reached or the package is gone.\n{run.stderr.strip()[-2000:]}")
-    got = sha256(tarball)
+    got = sha256_file(tarball)
     if got != pin:
         tarball.unlink()
         raise FetchError(f"{tarball.name}: sha256 {got}, pinned {pin}: the registry served other bytes; "
