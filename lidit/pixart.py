@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -345,9 +346,7 @@ def join_pathway(sd: Mapping[str, torch.Tensor], pathway: str | os.PathLike) -> 
 
 
 def branches_of(specs: list[str]) -> list[LLMBranch]:
-    """`--llm FOLDER` (name and hidden size from its config.json) or `--branch NAME:HIDDEN`."""
-    import json
-
+    """`--llm FOLDER` (name and hidden size from its config.json) or `NAME:HIDDEN`."""
     out = []
     for spec in specs:
         folder = Path(spec)

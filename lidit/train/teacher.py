@@ -21,6 +21,7 @@ from ..instruction import PromptTemplate
 from ..llm import encode, load_llm
 from ..model import LIDiTModel
 from ..pixart import caption_projection, read_pixart
+from ..precision import compute_dtype
 from ..refiner import TextContext, fill_empty
 
 #: PixArt reads its caption with no instruction and no chat template: T5's tokens of the caption and </s>
@@ -44,7 +45,8 @@ class Teacher:
         sd = read_pixart(config.pixart)
         self.projection = {k: v.to(device, torch.float32) for k, v in sd.items() if k.startswith("y_embedder.y_proj.")}
         self.null = caption_projection(self.projection, sd["y_embedder.y_embedding"].to(device, torch.float32))
-        self.encoder = load_llm(config.text_encoder, layer=config.layer, device=device)
+        # bf16 where the device has it natively: T5-XXL is 9.5 GB so, 19 GB in float32
+        self.encoder = load_llm(config.text_encoder, layer=config.layer, dtype=compute_dtype(device), device=device)
         self.config = config
 
     def context(self, captions: list[str], dtype: torch.dtype) -> TextContext:
