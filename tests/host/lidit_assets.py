@@ -45,6 +45,7 @@ SMOL, GEMMA = "SmolLM2-135M-Instruct", "gemma-3-270m"
 TINY_LLMS = {SMOL: ("llama", 64, True), GEMMA: ("gemma3", 48, False)}
 DEMO = "lidit-demo.safetensors"
 ONE_LLM = "lidit-demo-smollm2.safetensors"
+EMOJI = "lidit-emoji.safetensors"  # workflows/lidit_emoji.json: the demo's two LLMs at 32 px
 EPS, V = "lidit-test-eps.safetensors", "lidit-test-v.safetensors"
 SD3 = "lidit-test-sd3.safetensors"  # 16-channel latents at 1/8 size
 #: workflows/lidit_comfy_text_encoder.json: Comfy-Org's Z-Image text encoder file, and a checkpoint
@@ -106,6 +107,7 @@ def provision(models_dir: Path) -> Assets:
 
     checkpoint(DEMO, tiny_config([smol, gemma]), seed=1, real_ok=True)
     checkpoint(ONE_LLM, tiny_config([smol]), seed=2, real_ok=True)
+    checkpoint(EMOJI, dataclasses.replace(tiny_config([smol, gemma]), resolution=32), seed=7, real_ok=True)
     checkpoint(EPS, tiny_config([smol, gemma], prediction="eps"), seed=3)
     checkpoint(V, tiny_config([smol, gemma], prediction="v"), seed=4)
     te = models_dir / "text_encoders" / QWEN3_TE

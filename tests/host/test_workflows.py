@@ -15,7 +15,7 @@ TWINS = graphs.api_twins()
 
 def test_the_example_workflows_each_have_a_ui_file() -> None:
     names = {p.stem for p in TWINS}
-    assert {"lidit_paper_pipeline", "lidit_one_llm", "lidit_stock_nodes", "lidit_comfy_text_encoder"} <= names
+    assert {"lidit_paper_pipeline", "lidit_one_llm", "lidit_stock_nodes", "lidit_comfy_text_encoder", "lidit_emoji"} <= names
     assert names == {p.stem for p in graphs.WORKFLOWS.glob("*.json")}
 
 
