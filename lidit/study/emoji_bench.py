@@ -131,7 +131,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("bench", help="sets (a), (b), (c1), (c2) drawn by one checkpoint, top-1 and top-5")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--llm", action="append", required=True, help="HF folder per branch, in the checkpoint's order")
+    p.add_argument("--data", default="data/emoji")
+    p.add_argument("--count", type=int, default=500, help="prompts per set at most (a seeded sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write bench.json and table.md here")
+    p = sub.add_parser("study", help="train both-LLM, one-LLM and random-LLM variants at one budget and score them")
+    p.add_argument("--out", default="out/emoji-study", help="data, models, runs and the table go here")
+    p.add_argument("--limit", type=int, default=150, help="base emoji in the study's subset (with their skin tones)")
+    p.add_argument("--steps", type=int, default=2500, help="training steps of every variant (batch 32)")
+    p.add_argument("--models", default="models/LLM", help="folder holding the two demo LLMs")
+    p.add_argument("--count", type=int, help="prompts per set at most (default: all of them)")
+    p.add_argument("--jobs", type=int, default=2, help="variants trained at once, one thread each")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command in ("bench", "study"):
+        from . import emoji_study
+
+        return getattr(emoji_study, args.command)(args)
     if args.command == "grid":
         return {"prompts": grid(args.checkpoint, args.llm, args.out, args.data, seed=args.seed)}
     result = ceiling(args.data, args.openmoji or None, args.limit)

@@ -297,3 +297,106 @@ def test_grid_command_draws_a_row_per_concept_from_its_label_and_an_unseen_phras
     monkeypatch.setattr(emoji_bench, "GRID", [(rows[0][0], rows[0][1], rows[0][1])])  # the label itself: trained
     with pytest.raises(ValueError, match="not a trained label and a held-out phrasing"):
         emoji_bench.grid(ckpt, llms, tmp_path / "no.png", tiny_emoji)
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark on generated images and the variant study's pieces
+# ------------------------------------------------------------------------------------------------
+def test_prompt_sets_are_trained_captions_unseen_phrasings_and_held_out_pairs(tiny_emoji):
+    from lidit.study.emoji_study import prompt_sets
+
+    emojis, catalog = E.load_catalog(tiny_emoji)
+    sets = prompt_sets(tiny_emoji)
+    trained = {p.read_text().strip() for p in (tiny_emoji / "train").glob("*.txt")}
+    assert {q.prompt for q in sets["a"]} == trained and len(sets["a"]) == len(trained)
+    assert all(not q.any_tone for name in ("a", "c1", "c2") for q in sets[name])
+    held = {(e.key, s): why for e in emojis for s, why in e.heldout.items()}
+    assert sets["c1"] and sets["c2"], "the tiny set should hold out a tone and a style"
+    for name, why in (("c1", "tone"), ("c2", "style")):
+        assert {(q.truth, q.style) for q in sets[name]} == {k for k, w in held.items() if w == why}
+        assert all(q.prompt not in trained for q in sets[name])
+    assert len(sets["b"]) == len(catalog["phrasings"]) and all(q.any_tone for q in sets["b"])
+    assert all(q.prompt.split(",")[0] not in {t.split(",")[0] for t in trained} for q in sets["b"])
+    assert {q.style for q in sets["b"]} == {"google", "twitter"}
+    capped = prompt_sets(tiny_emoji, count=3, seed=5)
+    assert all(len(v) == min(3, len(sets[k])) for k, v in capped.items()) and capped == prompt_sets(tiny_emoji, 3, 5)
+
+
+def test_hits_score_the_asked_style_exactly_and_phrasings_in_any_tone(tiny_emoji):
+    from lidit.study.emoji_study import Query, hits
+
+    emojis, _ = E.load_catalog(tiny_emoji)
+    base_of = {e.key: e.base for e in emojis}
+    scorers = {s: Scorer.from_folder(tiny_emoji, styles=(s,)) for s in ("google", "twitter")}
+    toned = next(e for e in emojis if e.tones and "twitter" in e.styles)
+    plain = next(e for e in emojis if not e.tones and e.key != toned.base and "twitter" in e.styles)
+    real = {k: np.asarray(Image.open(tiny_emoji / "real/twitter" / f"{k}.png")) for k in (toned.key, plain.key)}
+    queries = [Query("", "twitter", toned.key, False), Query("", "twitter", toned.base, False),
+               Query("", "twitter", toned.base, True), Query("", "twitter", toned.key, False)]
+    top1, top5 = hits(scorers, base_of, queries, [real[toned.key], real[toned.key], real[toned.key], real[plain.key]])
+    # the toned image is its own answer; asked for the base emoji it is wrong, unless any tone counts
+    assert top1.tolist() == [1, 0, 1, 0] and top5[0] == top5[2] == 1 and top5[3] == 0
+
+
+def test_bench_command_draws_and_scores_every_set(tiny_emoji, tiny_llm_dirs, tmp_path):
+    from lidit.checkpoint import save_checkpoint
+    from lidit.config import preset
+    from lidit.model import LIDiTModel
+    from lidit.study.emoji_study import SET_NAMES
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, LIDiTModel(preset("tiny")).init_weights())
+    llms = [a for f in tiny_llm_dirs.values() for a in ("--llm", f)]
+    scores = lidit_main(["eval", "emoji", "bench", "--checkpoint", str(ckpt), *llms, "--data", str(tiny_emoji),
+                         "--count", "4", "--out", str(tmp_path / "bench")])["tiny"]
+    assert set(scores) == set(SET_NAMES)
+    for s in scores.values():
+        assert s["n"] == len(s["hits1"]) <= 4 and s["top1"]["value"] == np.mean(s["hits1"]) <= s["top5"]["value"]
+    table = (tmp_path / "bench/table.md").read_text()
+    assert all(name in table for name in SET_NAMES.values())
+
+
+def test_control_llm_keeps_the_architecture_and_tokens_and_loses_the_weights(tiny_llm_dirs, tmp_path):
+    from lidit.llm import load_llm
+    from lidit.study.emoji_study import random_llm
+
+    source = Path(tiny_llm_dirs["tiny-llama"])
+    control = random_llm(source, tmp_path / "control", seed=1)  # the fixture's own init is seed 0's
+    real, fresh = load_llm(str(source)), load_llm(str(control))
+    shape = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    assert [getattr(fresh.model.config, k) for k in shape] == [getattr(real.model.config, k) for k in shape]
+    text = "a turtle, twemoji style"
+    assert fresh.tokenizer(text)["input_ids"] == real.tokenizer(text)["input_ids"]
+    weights = dict(real.model.named_parameters())
+    assert all(not torch.equal(p, weights[n]) for n, p in fresh.model.named_parameters() if p.dim() > 1)
+    assert random_llm(source, tmp_path / "control") == control  # made once
+
+
+def test_variants_train_from_one_config_and_differ_only_in_their_text_pathway(tmp_path):
+    from lidit.study.emoji_study import BASE_CONFIG, train_command, variants
+    from lidit.train.config import load_config
+
+    plan = variants(Path("models/LLM"), tmp_path / "control")
+    configs = {}
+    for name, variant in plan.items():
+        cmd = train_command(variant, tmp_path / "shards", tmp_path / name, 40, 0)
+        configs[name] = TrainConfig.from_dict(load_config(str(BASE_CONFIG), cmd[cmd.index(str(BASE_CONFIG)) + 1:]))
+    same = {k: v for k, v in configs["both"].to_dict().items() if k not in ("model", "llms", "output_dir")}
+    for cfg in configs.values():
+        assert cfg.steps == 40 and {k: cfg.to_dict()[k] for k in same} == same
+    assert len(configs["both"].llms) == 2 and list(configs["control"].llms.values()) == [str(tmp_path / "control")]
+    assert configs["smollm2"].model["overrides"]["text"]["branches"][0]["hidden_size"] == 576
+
+
+def test_difference_table_calls_separation_only_when_the_interval_excludes_zero():
+    from lidit.study.emoji_study import difference_table, differences
+
+    def scored(hits5: list[int]) -> dict:
+        return {"b": {"hits1": hits5, "hits5": hits5}}
+
+    rows = differences({"both": scored([1] * 30), "same": scored([1, 0] * 15), "control": scored([1, 0] * 15)})
+    by = {(r["variant"], r["figure"]): r for r in rows}
+    assert by["both", "top-5"]["difference"]["lo"] > 0 and by["both", "top-5"]["ratio"] == 2
+    assert by["same", "top-5"]["difference"]["value"] == 0
+    table = difference_table(rows).splitlines()
+    assert table[2].endswith("| yes |") and table[-1].endswith("| no |")
