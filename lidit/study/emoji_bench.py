@@ -1,6 +1,8 @@
-"""The emoji benchmark's command line: `python -m lidit eval emoji ceiling ...`.
+"""The emoji benchmark's command line: `python -m lidit eval emoji ceiling|bench|study|grid`.
 
-`ceiling` measures the scorer (`lidit.study.emoji_scorer`) on real images it did not index, the
+`bench` scores one checkpoint's drawings on the benchmark's sets and `study` trains and scores the
+variants that test the paper's claim (both in `lidit.study.emoji_study`); `grid` draws the README
+picture. `ceiling` measures the scorer (`lidit.study.emoji_scorer`) on real images it did not index, the
 ceiling to report beside any model's score. The base emoji are split in two halves by a hash of their
 key; the CCA projection is fitted on the (Noto, Twemoji) pairs of half A only, and the queries are
 the images of half B:
