@@ -3,7 +3,8 @@
 `info` and `generate` live here; the other verbs belong to the modules that do the work and are
 handed the rest of the command line: `train` (lidit.train.cli), `convert shards`
 (lidit.data.shards), `convert pixart` and `convert pathway` (lidit.pixart), `eval` (the prompt-following benchmark,
-lidit.study.benchmark) and `study` (the ablation study, lidit.study.ablation).
+lidit.study.benchmark), `study pixart` (the PixArt proof, lidit.study.pixart_proof) and `study` (the
+ablation study, lidit.study.ablation).
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ DELEGATED = {
     "convert shards": ("lidit.data.shards", "convert an image + caption folder to training shards"),
     "convert pixart": ("lidit.pixart", "convert a PixArt-alpha/Sigma transformer into an LI-DiT checkpoint"),
     "convert pathway": ("lidit.pixart:pathway_main", "keep only the LLM pathway of a checkpoint (LI-DiT From PixArt)"),
-    "eval emoji": ("lidit.study.emoji_bench", "the emoji benchmark: the scorer's ceiling on real images"),
+    "eval emoji": ("lidit.study.emoji_bench", "the emoji benchmark: ceiling, bench, variant study, grid"),
     "eval": ("lidit.study.benchmark", "the prompt-following benchmark: run, report, breakdown"),
+    "study pixart": ("lidit.study.pixart_proof", "the CPU-scale proof of the PixArt route: teacher, conversion, "
+                     "prompt-only distillation, from scratch, scored"),
     "study": ("lidit.study.ablation", "the ablation study: train and score every variant, resumable"),
 }
 

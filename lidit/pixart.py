@@ -150,7 +150,8 @@ def pixart_config(sd: Mapping[str, torch.Tensor], branches: list[LLMBranch], hea
                   resolution: int | None = None) -> LIDiTConfig:
     """The LI-DiT config whose backbone is this PixArt's, fed by `branches` (fresh refiners, one per LLM).
 
-    PixArt-alpha (micro-conditions) decodes with SD-1.5's VAE, Sigma with SDXL's, as in ComfyUI. A
+    PixArt-alpha (micro-conditions) decodes with SD-1.5's VAE, Sigma with SDXL's, as in ComfyUI; a
+    3-channel one (a PixArt trained on pixels, as the CPU-scale proof's teacher) is a pixel model. A
     checkpoint with a `pos_embed` buffer (alpha at 256/512) fixes `pe_interpolation` and its size.
     """
     hidden, channels, patch, _ = sd["x_embedder.proj.weight"].shape
@@ -166,7 +167,8 @@ def pixart_config(sd: Mapping[str, torch.Tensor], branches: list[LLMBranch], hea
         dit=DiTConfig(depth=depth_of(sd), hidden=hidden, heads=heads, patch=patch, in_channels=channels,
                       pos_table=True, pos_rule="pixart", pe_interpolation=pe_interpolation, qk_norm=False,
                       cross_query_norm=False, adaln="single", final_modulation="table", pooled=False),
-        prediction="eps", schedule="linear", latent_format="sd15" if alpha else "sdxl", resolution=size,
+        prediction="eps", schedule="linear", resolution=size,
+        latent_format="pixel" if channels == 3 else "sd15" if alpha else "sdxl",
         steps=20, cfg=4.5,
     )
 
