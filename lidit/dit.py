@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DiTConfig
-from .layers import MLP, Attend, Attention, Ops, TimestepEmbedder, TorchOps, layer_norm, modulate, sdpa
+from .layers import MLP, Attend, Attention, Ops, TimestepEmbedder, TorchOps, gated, layer_norm, modulate, sdpa
 from .refiner import TextContext
 
 
@@ -93,10 +93,10 @@ class DiTBlock(nn.Module):
         else:
             m = self.adaln(m)
         shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.self_attn(modulate(layer_norm(x), shift1, scale1), ("dit", index, "self"), attend)
+        x = gated(x, gate1[:, None], self.self_attn(modulate(layer_norm(x), shift1, scale1), ("dit", index, "self"), attend))
         query = layer_norm(x) if self.cross_query_norm else x
         x = x + self.cross_attn(query, ("dit", index, "cross"), attend, text.tokens, text.key_mask)
-        return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        return gated(x, gate2[:, None], self.mlp(modulate(layer_norm(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):

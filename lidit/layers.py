@@ -11,6 +11,7 @@ Hosting contract (how ComfyUI, or any host, runs this network without this packa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -36,21 +37,37 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 class KeyMask:
     """A (B, Lk) padding mask, turned once per forward into what each attention call needs.
 
-    `None` where every key is real, so hosts can pick mask-free (flash) kernels; rows without any
-    real key (an empty prompt) attend to everything and are then zeroed, instead of the NaN that a
-    fully masked softmax gives. `full` is known on the host side (Python ints), so no device sync.
+    `attend` is None unless some row is partly padded, so hosts can pick mask-free (flash) kernels:
+    a row without any real key (an empty prompt, as CFG's empty negative next to a prompt) attends
+    to everything and has its values zeroed, which zeroes its output exactly, instead of the NaN that
+    a fully masked softmax gives. The values (Lk keys) are fewer than the outputs (Lq queries).
+    `real` (real keys per row) is known on the host side (Python ints), so no device sync.
     """
 
-    def __init__(self, mask: torch.Tensor, full: bool, empty_rows: bool) -> None:
-        self.attend = None if full else (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
-        self.keep_rows = mask.any(-1)[:, None, None] if empty_rows else None
+    def __init__(self, mask: torch.Tensor, real: Sequence[int]) -> None:
+        partial = any(0 < n < mask.shape[1] for n in real)
+        self.attend = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :] if partial else None
+        self.keep_rows = mask.any(-1)[:, None, None, None] if 0 in real else None
 
-    def apply(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.keep_rows is None else out * self.keep_rows.to(out.dtype)
+    def zero_empty(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, Lk, heads, head_dim) values with the rows that have no real key zeroed."""
+        return values if self.keep_rows is None else values * self.keep_rows.to(values.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in x's dtype. On the CPU torch's rms_norm is a composite of five
+    full passes (a float32 copy of a bf16 input, pow, mean, two products); this is one reduction
+    (accumulated in float32 at least) and two products. Elsewhere torch's fused kernel."""
+    if x.device.type != "cpu":
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    inv = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square() / x.shape[-1] + eps)
+    return (x * inv * weight).to(x.dtype)  # out of place: autograd keeps x * inv for the weight's gradient
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in the input's dtype (torch's own falls off its fused path on mixed dtypes)."""
+    """RMSNorm in the input's dtype (`rms_norm`; torch's own module falls off its fused path on mixed
+    dtypes)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None) -> None:
         super().__init__()
@@ -58,7 +75,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class TorchOps:
@@ -97,9 +114,10 @@ class Attention(nn.Module):
         # QK-norm over head_dim before moving heads forward, while that dim is still contiguous
         q = self.q_norm(self.q(x).view(b, n, self.heads, -1)).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).unbind(2)
-        mask = None if key_mask is None else key_mask.attend
-        out = attend(q, self.k_norm(k).transpose(1, 2), v.transpose(1, 2), mask, site)
-        return self.out(out if key_mask is None else key_mask.apply(out))
+        mask = None
+        if key_mask is not None:
+            v, mask = key_mask.zero_empty(v), key_mask.attend
+        return self.out(attend(q, self.k_norm(k).transpose(1, 2), v.transpose(1, 2), mask, site))
 
 
 class MLP(nn.Module):
@@ -132,7 +150,13 @@ class TimestepEmbedder(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x * (1 + scale) + shift per row, in one pass over x."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + gate * branch, in one pass (`gate` broadcasts against `branch`)."""
+    return torch.addcmul(x, gate, branch)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class LinguisticTokenRefiner(nn.Module):
     def forward(self, branch: PreparedBranch, t_emb: torch.Tensor, attend: Attend = sdpa) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the refined tokens and the (pooled text + timestep) vector `c` that gated them."""
         c = t_emb + branch.pooled
-        key_mask = KeyMask(branch.mask, branch.full, branch.empty_rows)
+        key_mask = KeyMask(branch.mask, branch.real)
         x = branch.tokens
         for i, block in enumerate(self.blocks):
             x = block(x, c, key_mask, ("refiner", i, "self"), attend)
@@ -133,7 +133,7 @@ class CollaborativeBlock(nn.Module):
             context = torch.cat([xs[j] for j in others], dim=1) if others else xs[i][:, :0]
             mask = torch.cat([branches[j].mask for j in others], dim=1) if others else branches[i].mask[:, :0]
             real = [sum(row) for row in zip(*(branches[j].real for j in others))] if others else [0]
-            key_mask = KeyMask(mask, all(branches[j].full for j in others), 0 in real)
+            key_mask = KeyMask(mask, real)
             out.append(block(xs[i], cs[i], key_mask, ("collab", index, "cross"), attend, context=context))
         return out
 
@@ -143,7 +143,7 @@ class TextContext:
 
     def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> None:
         self.tokens, self.mask = tokens, mask
-        self.key_mask = KeyMask(mask, all(n == tokens.shape[1] for n in lengths), 0 in lengths)
+        self.key_mask = KeyMask(mask, lengths)
         self.pooled = masked_mean(tokens, mask)
 
 

@@ -76,15 +76,6 @@ class PreparedBranch:
         counts = torch.stack([mask.sum(1), prompt.sum(1)]).tolist()
         return cls(tokens, pooled, mask, prompt, tuple(counts[0]), tuple(counts[1]))
 
-    @property
-    def full(self) -> bool:
-        """No padding anywhere: attention over these tokens needs no mask."""
-        return all(n == self.mask.shape[1] for n in self.real)
-
-    @property
-    def empty_rows(self) -> bool:
-        return 0 in self.real
-
     def map(self, fn) -> PreparedBranch:
         """The same branch with `fn` applied to every tensor (moves, casts, indexing)."""
         return PreparedBranch(fn(self.tokens), fn(self.pooled), fn(self.mask), fn(self.prompt),

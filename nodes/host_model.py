@@ -9,6 +9,7 @@ fp8 storage, partial (lowvram) loading and LoRA patches work as for core models.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -26,6 +27,7 @@ from comfy.cli_args import args
 from ..lidit.checkpoint import STOCK_CONFIG_KEY, CheckpointError, CheckpointFile, load_into
 from ..lidit.config import LIDiTConfig
 from ..lidit.dit import DiTBlock
+from ..lidit.layers import rms_norm
 from ..lidit.model import LIDiTModel
 from ..lidit.precision import DTYPES, cpu_has_native_bf16
 from . import conditioning
@@ -97,6 +99,19 @@ class HostDiTBlock(DiTBlock):
         return out["img"]
 
 
+@functools.cache
+def host_ops(operations: type) -> type:
+    """ComfyUI's ops for the model's dtypes, with RMSNorm (LI-DiT's QK-norm, four per DiT block)
+    computed by `lidit.layers.rms_norm` wherever ComfyUI has no weight to cast or patch: torch's
+    own CPU rms_norm, which ComfyUI's op calls, is a composite of five full passes over q and k."""
+    class RMSNorm(operations.RMSNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                return super().forward(x)
+            return rms_norm(x, self.weight, self.eps)
+    return type(f"LIDiT{operations.__name__}", (operations,), {"RMSNorm": RMSNorm})
+
+
 class LIDiTHostNet(LIDiTModel):
     """lidit's model with the `diffusion_model(x, timesteps, context, **conds)` call ComfyUI makes.
 
@@ -106,7 +121,7 @@ class LIDiTHostNet(LIDiTModel):
     """
 
     def __init__(self, lidit_config: LIDiTConfig, dtype=None, device=None, operations=None) -> None:
-        super().__init__(lidit_config, ops=operations, dtype=dtype, device=device)
+        super().__init__(lidit_config, ops=host_ops(operations), dtype=dtype, device=device)
         self.dtype = dtype
         for block in self.dit.blocks:
             block.__class__ = HostDiTBlock

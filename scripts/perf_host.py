@@ -15,8 +15,14 @@ bf16 is emulated, ~80x slower than fp32 on an AVX2 host: no one runs that, so th
 out and the line that says so prints both matmul rates. GFLOP/s are the FLOPs torch's counter sees
 in one step over the step's time, against the measured matmul peak of that dtype.
 
+With `--profile`, instead of timing, it profiles (torch.profiler, CPU) each dtype's sampling steps
+three ways: LI-DiT through the host (KSampler's path), the bare network (the same module called
+directly on the inputs the host gave it, with torch's SDPA), and PixArt through the host; it prints
+the ops with the most self time, in ms per step.
+
     .venv/bin/python scripts/perf_host.py                 # depth 4, 384 px, 5 rounds (minutes on 2 cores)
     .venv/bin/python scripts/perf_host.py --depth 28 --resolution 1024 --rounds 3   # a GPU's table
+    .venv/bin/python scripts/perf_host.py --profile --depth 4 --steps 2   # where a step's time goes
 """
 from __future__ import annotations
 
@@ -110,6 +116,61 @@ def step_flops(patcher, conds, latent_side: int, channels: int, cfg: float) -> f
     return counter.get_total_flops()
 
 
+def capture_forward(patcher) -> tuple:
+    """A clone of the MODEL whose DIFFUSION_MODEL wrapper keeps the network's last inputs, and those
+    inputs: (x, t in [0, 1], the prepared text), as the host hands them to LIDiTModel."""
+    import comfy.patcher_extension as ext
+
+    seen: dict = {}
+
+    def wrapper(executor, x, timesteps, context, transformer_options=None, **kwargs):
+        seen["args"] = (x, timesteps, list(kwargs[inproc.sub("nodes.host_model").TEXT]))
+        return executor(x, timesteps, context, transformer_options=transformer_options, **kwargs)
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "perf_host", wrapper)
+    return clone, seen
+
+
+def step_profile(run, steps: int) -> dict[str, float]:
+    """Self CPU milliseconds per op name, per step, over one call of `run` (`steps` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+
+
+def profile_table(args, device: torch.device, dtypes: list[torch.dtype], side: int, top: int = 14) -> None:
+    """Per dtype, the ops with the most self time per step: host, bare network, PixArt."""
+    lidit_model_class = inproc.sub("lidit.model").LIDiTModel
+    for dtype in dtypes:
+        lidit = lidit_model(args.depth, dtype, None, device)
+        pixart, pixart_cond = pixart_model(args.depth, dtype, None, device), pixart_conds(120)
+        captured, seen = capture_forward(lidit)
+        conds = lidit_conds(lidit, 40, 60)
+        sample_seconds(captured, conds, side, 16, 1, args.cfg)
+        x, t, text = seen["args"]
+        net = lidit.model.diffusion_model
+
+        def bare() -> None:
+            with torch.no_grad():
+                for _ in range(args.steps):
+                    lidit_model_class.forward(net, x, t, text)
+        runs = {"host": lambda: sample_seconds(lidit, conds, side, 16, args.steps, args.cfg), "bare": bare,
+                "PixArt": lambda: sample_seconds(pixart, pixart_cond, side, 4, args.steps, args.cfg)}
+        for run in runs.values():  # warm-up
+            run()
+        ms = {name: step_profile(run, args.steps) for name, run in runs.items()}
+        ops = sorted(set().union(*ms.values()), key=lambda op: -max(m.get(op, 0.0) for m in ms.values()))[:top]
+        print(f"\n{str(dtype).removeprefix('torch.')}, depth {args.depth}, {args.resolution} px, batch 2, "
+              f"{torch.get_num_threads()} threads: self CPU ms per step")
+        print("| op | " + " | ".join(f"{name} (ms/step)" for name in ms) + " |")
+        print("|---|" + "---|" * len(ms))
+        for op in ops:
+            print(f"| {op} | " + " | ".join(f"{m.get(op, 0.0):.1f}" for m in ms.values()) + " |")
+        print("| total | " + " | ".join(f"{sum(m.values()):.1f}" for m in ms.values()) + " |")
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
@@ -138,6 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--profile", action="store_true", help="profile the ops of a step instead of timing")
     args = parser.parse_args()
 
     pack = inproc.load_pack()  # noqa: F841  (sets up ComfyUI first)
@@ -148,6 +210,9 @@ def main() -> None:
     device = mm.get_torch_device()
     bf16 = native_bf16(device)
     side = args.resolution // 8
+    if args.profile:
+        profile_table(args, device, [torch.float32, *([torch.bfloat16] if bf16 else [])], side)
+        return
     runs = {  # name -> (model, conds, latent channels, compute dtype)
         f"LI-DiT-1B, fp32{'' if bf16 else ' (default here)'}": (lidit_model(args.depth, torch.float32, None, device),
                                                                None, 16, torch.float32),

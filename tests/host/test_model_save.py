@@ -1,14 +1,18 @@
 """A LoRA baked into one file with stock nodes (LoraLoaderModelOnly -> ModelSave) loads in the LI-DiT
 Loader and draws the same pixels as the LoRA graph did; the file is plain safetensors that says
-what it is (the LI-DiT config inside), and nothing is unpickled."""
+what it is (the LI-DiT config inside), and nothing is unpickled. The same for a merge of two
+checkpoints (ModelMergeSimple -> ModelSave), in-process."""
 import json
 import shutil
 
+import inproc
 import numpy as np
+import torch
 from test_lora_loader import NAME, make_lora
 from test_nodes import DIT, SAMPLER, SAVE, paper, png_array
 
 from lidit.checkpoint import STOCK_CONFIG_KEY, STOCK_PREFIX, read_header
+from tests.fixtures_models import build_tiny_checkpoint
 
 PREFIX = "diffusion_models/lidit-baked"
 
@@ -45,3 +49,27 @@ def test_a_lora_baked_with_modelsave_reloads_to_identical_pixels(comfy_server, c
     _, entry = comfy_server.run(plain, timeout=180)
     [png] = comfy_server.output_images(entry, node_id=SAVE)
     assert np.abs(png_array(png) - with_lora).max() > 8  # the LoRA is in the file, not lost on the way
+
+
+def test_a_merge_saved_with_modelsave_reloads_to_identical_pixels(tiny_pack_assets, tmp_path) -> None:
+    """ModelMergeSimple of two LI-DiT MODELs, saved by the stock ModelSave, reloads in the LI-DiT
+    Loader's path to the latent the merged MODEL sampled (bitwise), which neither parent samples."""
+    from comfy_extras.nodes_model_merging import ModelMergeSimple, ModelSave
+
+    host = inproc.sub("nodes.host_model")
+    first = host.build_lidit(str(tiny_pack_assets["checkpoint"]), torch.float32, None, torch.device("cpu"))
+    other = build_tiny_checkpoint(tmp_path / "other.safetensors", host.lidit_config_of(first), seed=8)
+    second = host.build_lidit(str(other), torch.float32, None, torch.device("cpu"))
+    (merged,) = ModelMergeSimple().merge(first, second, 0.4)
+    llms = inproc.load_llms(tiny_pack_assets["llms"])
+    pos, neg = (inproc.conditioning(first, llms, text) for text in ("a red circle and a blue square", ""))
+
+    def draw(model) -> torch.Tensor:
+        return inproc.ksample(model, pos, neg, steps=3, cfg=3.0, seed=5)
+    want = draw(merged)
+    save = ModelSave()
+    save.output_dir = str(tmp_path)
+    save.save(merged, "diffusion_models/lidit-merged")
+    [saved] = (tmp_path / "diffusion_models").glob("lidit-merged_*.safetensors")
+    torch.testing.assert_close(draw(host.load_lidit(str(saved), "fp32")), want, rtol=0, atol=0)
+    assert all((draw(parent) - want).abs().max() > 1e-3 for parent in (first, second))
