@@ -249,6 +249,21 @@ def difference_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scored(run: Path, llm_folders: list[str], root: Path, count: int | None, seed: int) -> dict:
+    """`score_checkpoint` of a run's model, kept in `score.json` beside it and reused while the
+    model file and the settings are the same."""
+    from .ablation import sha256
+
+    checkpoint = run / "model.safetensors"
+    key = {"model_sha256": sha256(checkpoint), "llms": llm_folders, "count": count, "seed": seed}
+    path = run / "score.json"
+    if path.is_file() and (kept := json.loads(path.read_text()))["key"] == key:
+        return kept["score"]
+    score = score_checkpoint(checkpoint, llm_folders, root, count, seed)
+    path.write_text(json.dumps({"key": key, "score": score}))
+    return score
+
+
 def study(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     shards = prepare(out, args.limit)
@@ -256,10 +271,8 @@ def study(args: argparse.Namespace) -> dict:
     plan = variants(Path(args.models), control)
     train_all({n: train_command(v, shards, out / n, args.steps, args.seed) for n, v in plan.items()},
               out, args.steps, args.jobs)
-    scores = {}
-    for name, variant in plan.items():
-        scores[name] = score_checkpoint(out / name / "model.safetensors", list(variant["llms"].values()),
-                                        shards.parent, args.count, args.seed)
+    scores = {name: scored(out / name, list(variant["llms"].values()), shards.parent, args.count, args.seed)
+              for name, variant in plan.items()}
     from .emoji_bench import OPENMOJI_TGZ, ceiling
 
     openmoji = REPO / OPENMOJI_TGZ

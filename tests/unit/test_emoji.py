@@ -400,3 +400,18 @@ def test_difference_table_calls_separation_only_when_the_interval_excludes_zero(
     assert by["same", "top-5"]["difference"]["value"] == 0
     table = difference_table(rows).splitlines()
     assert table[2].endswith("| yes |") and table[-1].endswith("| no |")
+
+
+def test_a_runs_score_is_kept_while_its_model_and_settings_stay(tmp_path, monkeypatch):
+    from lidit.study import emoji_study
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"one")
+    calls = []
+    monkeypatch.setattr(emoji_study, "score_checkpoint", lambda *a: calls.append(a) or {"a": len(calls)})
+    assert emoji_study.scored(run, ["llm"], tmp_path, None, 0) == {"a": 1}
+    assert emoji_study.scored(run, ["llm"], tmp_path, None, 0) == {"a": 1} and len(calls) == 1
+    assert emoji_study.scored(run, ["llm"], tmp_path, 10, 0) == {"a": 2}  # other settings: scored again
+    (run / "model.safetensors").write_bytes(b"two")
+    assert emoji_study.scored(run, ["llm"], tmp_path, 10, 0) == {"a": 3}  # another model: scored again
