@@ -31,12 +31,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import preset
 from ..data.emoji import Emoji, caption, load_catalog
 from .emoji_scorer import Scorer
 from .stats import Interval, difference, wilson
@@ -146,8 +147,11 @@ def random_llm(source: Path, dest: Path, seed: int = 0) -> Path:
 
 def variants(models: Path, control: Path) -> dict[str, dict]:
     """Variant -> (its LLM branches, its `llms` mapping) for `python -m lidit train`."""
+    smollm2 = next(b for b in preset("demo").text.branches if b.name == SMOLLM2)
+
     def one(name: str, folder: Path) -> dict:
-        return {"branches": [{"name": name, "hidden_size": 576, "layer": -3}], "llms": {name: str(folder)},
+        branch = {**asdict(smollm2), "name": name}  # the control has SmolLM2's architecture: its branch too
+        return {"branches": [branch], "llms": {name: str(folder)},
                 "collab_depth": 0}  # one branch: the collaborative refiner has nothing to attend to
 
     return {"both": {"llms": {SMOLLM2: str(models / SMOLLM2), GEMMA: str(models / GEMMA)}},
