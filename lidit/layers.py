@@ -41,7 +41,9 @@ class KeyMask:
     a row without any real key (an empty prompt, as CFG's empty negative next to a prompt) attends
     to everything and has its values zeroed, which zeroes its output exactly, instead of the NaN that
     a fully masked softmax gives. The values (Lk keys) are fewer than the outputs (Lq queries).
-    `real` (real keys per row) is known on the host side (Python ints), so no device sync.
+    `real` (real keys per row, or per kind of row: only which counts occur matters) is known on the
+    host side (Python ints), so no device sync. A superset of the counts that occur is safe: it can
+    only ask for the mask, or for the zeroing, where neither was needed.
     """
 
     def __init__(self, mask: torch.Tensor, real: Sequence[int]) -> None:

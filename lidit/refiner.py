@@ -98,14 +98,15 @@ class LinguisticTokenRefiner(nn.Module):
             GatedBlock(cfg.width, cfg.heads, cfg.mlp_ratio, ops, **f) for _ in range(cfg.refiner_depth))
 
     def prepare(self, text: TextStates, dtype: torch.dtype) -> PreparedBranch:
-        """The timestep-free part, in the compute `dtype`."""
+        """The timestep-free part, in the compute `dtype`; `PreparedBranch.join` it with the other
+        branches of its batch before use."""
         real = text.mask & text.hidden.ne(0).any(-1)
         text = TextStates(text.hidden, real, text.prompt & real)
         if self.drop_early:
             text = text.only_prompt()
         hidden = self.feature_norm(text.hidden).to(dtype)
-        return PreparedBranch.of(self.input_proj(hidden), self.pool_proj(masked_mean(hidden, text.mask)),
-                                 text.mask, text.prompt)
+        return PreparedBranch(self.input_proj(hidden), self.pool_proj(masked_mean(hidden, text.mask)),
+                              text.mask, text.prompt, kinds=())
 
     def forward(self, branch: PreparedBranch, t_emb: torch.Tensor, attend: Attend = sdpa) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the refined tokens and the (pooled text + timestep) vector `c` that gated them."""
@@ -168,7 +169,7 @@ class TextPathway(nn.Module):
         """Everything that does not depend on t: once per sampling run, not once per step."""
         if len(texts) != len(self.refiners):
             raise ValueError(f"the model has {len(self.refiners)} LLM branches, got {len(texts)} inputs")
-        return [refiner.prepare(text, dtype) for refiner, text in zip(self.refiners, texts)]
+        return PreparedBranch.join([refiner.prepare(text, dtype) for refiner, text in zip(self.refiners, texts)])
 
     def forward(self, branches: list[PreparedBranch], t: torch.Tensor, attend: Attend = sdpa) -> TextContext:
         t_emb = self.t_embedder(t, branches[0].tokens.dtype)
@@ -176,7 +177,7 @@ class TextPathway(nn.Module):
         xs = list(xs)
         for i, block in enumerate(self.collab):
             xs = block(xs, branches, list(cs), i, attend)
-        lengths = [sum(row) for row in zip(*(b.prompt_lengths for b in branches))]
+        lengths = [sum(row) for row in zip(*(b.prompt_lengths for b in branches))]  # per kind of row
         # at least one (masked) token: a batch of empty prompts still reaches every refiner weight, so
         # DDP sees them all used (a zero-length context would leave them out of the graph)
         tokens, mask = pack_left(torch.cat(xs, dim=1), torch.cat([b.prompt for b in branches], dim=1),
@@ -188,11 +189,12 @@ class TextPathway(nn.Module):
 
 def fill_empty(tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int],
                null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The rows of length 0 replaced by the `null` tokens (N, width), all attended to."""
+    """The rows without a real token replaced by the `null` tokens (N, width), all attended to.
+    `lengths`: real tokens per row, or per kind of row; returned as they are after the filling."""
     n = null.shape[0]
     width = max(tokens.shape[1], n)
     tokens, mask = pad_tokens(tokens, width), pad_tokens(mask, width)
-    empty = torch.tensor([k == 0 for k in lengths], device=tokens.device)
+    empty = ~mask.any(-1)
     null_mask = pad_tokens(torch.ones(1, n, dtype=torch.bool, device=tokens.device), width)
     tokens = torch.where(empty[:, None, None], pad_tokens(null.to(tokens)[None], width), tokens)
     mask = torch.where(empty[:, None], null_mask, mask)

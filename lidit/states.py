@@ -7,11 +7,14 @@ only ever sees the prompt.
 
 `PreparedBranch`: one branch after the work that does not depend on the timestep (see
 `TextPathway.prepare`). A sampler computes it once per run and batches it (e.g. cond + uncond for
-CFG) with `PreparedBranch.cat`; its token counts are Python ints, so a step never syncs the device.
+CFG) with `PreparedBranch.cat`. Its token counts are Python ints, so a step never syncs the device,
+and they are kept per *kind* of row, not per row: a batch of any size made of the same prompts has
+the same kinds, so a compiled forward (which specialises on Python values) is not traced again for
+a new batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,34 +64,57 @@ class TextStates:
                             for f in ("hidden", "mask", "prompt")))
 
 
+#: one kind of row of a batch: per branch, (real tokens, prompt tokens)
+RowKind = tuple[tuple[int, int], ...]
+
+
 @dataclass
 class PreparedBranch:
-    tokens: torch.Tensor              # (B, L, width): the projected states, the token refiner's input
-    pooled: torch.Tensor              # (B, width): the projected masked mean of the states
-    mask: torch.Tensor                # (B, L) bool
-    prompt: torch.Tensor              # (B, L) bool
-    real: tuple[int, ...]             # real tokens per row
-    prompt_lengths: tuple[int, ...]   # prompt tokens per row
+    tokens: torch.Tensor          # (B, L, width): the projected states, the token refiner's input
+    pooled: torch.Tensor          # (B, width): the projected masked mean of the states
+    mask: torch.Tensor            # (B, L) bool
+    prompt: torch.Tensor          # (B, L) bool
+    kinds: tuple[RowKind, ...]    # the batch's distinct rows, over all its branches, sorted
+    index: int = 0                # this branch's place in each kind
+
+    @property
+    def real(self) -> list[int]:
+        """Real tokens of each kind of row of this branch."""
+        return [kind[self.index][0] for kind in self._kinds()]
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """Prompt tokens of each kind of row of this branch."""
+        return [kind[self.index][1] for kind in self._kinds()]
+
+    def _kinds(self) -> tuple[RowKind, ...]:
+        if not self.kinds:
+            raise ValueError("this branch has not been joined with its batch's other branches (PreparedBranch.join)")
+        return self.kinds
 
     @classmethod
     def of(cls, tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> PreparedBranch:
-        """The one device sync of a sampling run: the token counts, read back once."""
-        counts = torch.stack([mask.sum(1), prompt.sum(1)]).tolist()
-        return cls(tokens, pooled, mask, prompt, tuple(counts[0]), tuple(counts[1]))
+        """A branch on its own (the token counts read back: one device sync)."""
+        return cls.join([cls(tokens, pooled, mask, prompt, ())])[0]
+
+    @staticmethod
+    def join(branches: list[PreparedBranch]) -> list[PreparedBranch]:
+        """The branches of one batch, each told the kinds of row they make together: the one device
+        sync of a sampling run, the token counts of every branch read back at once."""
+        counts = torch.stack([m.sum(1) for b in branches for m in (b.mask, b.prompt)]).tolist()
+        rows = zip(*(zip(counts[2 * i], counts[2 * i + 1]) for i in range(len(branches))))
+        kinds = tuple(sorted(set(rows)))
+        return [replace(b, kinds=kinds, index=i) for i, b in enumerate(branches)]
 
     def map(self, fn) -> PreparedBranch:
         """The same branch with `fn` applied to every tensor (moves, casts, indexing)."""
-        return PreparedBranch(fn(self.tokens), fn(self.pooled), fn(self.mask), fn(self.prompt),
-                              self.real, self.prompt_lengths)
+        return replace(self, tokens=fn(self.tokens), pooled=fn(self.pooled), mask=fn(self.mask), prompt=fn(self.prompt))
 
     def repeat_to(self, batch: int) -> PreparedBranch:
-        """Tile the rows to `batch` (a host's batch of several latents per prompt)."""
+        """Tile the rows to `batch` (a host's batch of several latents per prompt). Its kinds stay:
+        a cut that drops a kind leaves a superset, which is safe (see `KeyMask`)."""
         reps = -(-batch // self.tokens.shape[0])
-        rows = list(range(self.tokens.shape[0])) * reps
-        return PreparedBranch(*(t.repeat(reps, *[1] * (t.dim() - 1))[:batch]
-                                for t in (self.tokens, self.pooled, self.mask, self.prompt)),
-                              tuple(self.real[i] for i in rows[:batch]),
-                              tuple(self.prompt_lengths[i] for i in rows[:batch]))
+        return self.map(lambda t: t.repeat(reps, *[1] * (t.dim() - 1))[:batch])
 
     @staticmethod
     def cat(items: list[PreparedBranch]) -> PreparedBranch:
@@ -98,4 +124,4 @@ class PreparedBranch:
                               torch.cat([p.pooled for p in items]),
                               torch.cat([pad_tokens(p.mask, n) for p in items]),
                               torch.cat([pad_tokens(p.prompt, n) for p in items]),
-                              sum((p.real for p in items), ()), sum((p.prompt_lengths for p in items), ()))
+                              tuple(sorted(set().union(*(p.kinds for p in items)))), items[0].index)

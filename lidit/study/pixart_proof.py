@@ -96,8 +96,8 @@ class CaptionMLP(nn.Module):
     def forward(self, branches: list[PreparedBranch], t: torch.Tensor, attend: Attend = sdpa) -> TextContext:
         (b,) = branches
         lengths = [0 if p == 0 else n for n, p in zip(b.real, b.prompt_lengths)]
-        mask = b.mask & torch.tensor([n > 0 for n in lengths], device=b.mask.device)[:, None]
-        tokens, mask, lengths = fill_empty(b.tokens, mask, lengths, self.project(self.y_embedding))
+        tokens, mask, lengths = fill_empty(b.tokens, b.mask & b.prompt.any(-1, keepdim=True), lengths,
+                                           self.project(self.y_embedding))
         return TextContext(tokens, mask, lengths)
 
 

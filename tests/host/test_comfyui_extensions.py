@@ -108,26 +108,35 @@ def test_easycache_and_lazycache_skip_steps_and_keep_the_objects(demo_assets, ca
         net._forward = inner
 
 
-def test_torch_compile_draws_the_same_image_and_recompiles_only_for_new_dynamic_dims(tiny) -> None:
+def test_torch_compile_draws_the_same_image_and_recompiles_only_for_new_dynamic_dims(tiny, monkeypatch) -> None:
     """TorchCompileModel's own function (set_torch_compile_wrapper, an APPLY_MODEL wrapper that swaps in
     the compiled diffusion_model) with dynamo's eager backend: which graphs are traced, and when
     they recompile, is dynamo's doing whatever the backend (inductor's compile would take minutes
     here; scripts/perf_compile.py runs inductor and compares its image). The image equals the eager
-    one; a new size compiles once more (the dimension turns dynamic) and a third size not at all."""
+    one. A new size compiles once more (the dimension turns dynamic) and a third size not at all;
+    so does a new batch size, and a third and fourth batch size not at all (the text's token
+    counts reach the forward per kind of row, not per row). ComfyUI's attention is its GPU default,
+    PyTorch's SDPA: its CPU default (sub-quadratic) reads the free memory in every call, which
+    breaks the graph around every attention."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    import comfy.ldm.modules.attention as comfy_attention
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+    monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_pytorch)
+    monkeypatch.setattr(comfy_attention, "optimized_attention_masked", comfy_attention.attention_pytorch)
     torch._dynamo.reset()
     counters.clear()
     compiled = tiny["model"].clone()
     set_torch_compile_wrapper(compiled, backend="eager")
     graphs = []
-    for size in (64, 96, 128):
-        eager = inproc.ksample(tiny["model"], tiny["pos"], tiny["neg"], steps=1, cfg=3.0, seed=3, size=size)
-        out = inproc.ksample(compiled, tiny["pos"], tiny["neg"], steps=1, cfg=3.0, seed=3, size=size)
+    for size, batch in ((64, 1), (96, 1), (128, 1), (64, 2), (64, 3), (96, 4)):
+        eager = inproc.ksample(tiny["model"], tiny["pos"], tiny["neg"], steps=1, cfg=3.0, seed=3, size=size, batch=batch)
+        out = inproc.ksample(compiled, tiny["pos"], tiny["neg"], steps=1, cfg=3.0, seed=3, size=size, batch=batch)
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > 0 and graphs[2] == graphs[1], graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0] > 0 and graphs[2] == graphs[1] > graphs[0], graphs
+    assert graphs[5] == graphs[4] == graphs[3] > graphs[2], graphs
     torch._dynamo.reset()

@@ -98,7 +98,7 @@ def test_conditioning_zero_out_means_no_text(tiny) -> None:
     conds = tiny["model"].model.extra_conds(cross_attn=zeroed[0][0], device=torch.device("cpu"),
                                             noise=torch.zeros(1, 3, 64, 64), **zeroed[0][1])
     branches = conds["lidit_text"].cond
-    assert all(b.real == (0,) and b.prompt_lengths == (0,) for b in branches)
+    assert all(b.real == [0] and b.prompt_lengths == [0] for b in branches)
     # the same as no tokens at all
     empty = [[torch.zeros(1, 0, zeroed[0][0].shape[2]),
               {**zeroed[0][1], "lidit_mask": torch.zeros(1, 0, dtype=torch.bool),

@@ -41,7 +41,7 @@ def test_refiner_with_zero_gates_returns_its_input_exactly(tiny_llms):
     model = LIDiTModel(tiny()).init_weights()
     text = encode_all(tiny_llms, ["a red circle and a blue square"])[0]
     refiner: LinguisticTokenRefiner = model.text.refiners[0]
-    branch = refiner.prepare(text, torch.float32)
+    (branch,) = PreparedBranch.join([refiner.prepare(text, torch.float32)])
     refined, _ = refiner(branch, model.text.t_embedder(torch.tensor([0.5]), torch.float32))
     assert torch.equal(branch.tokens, refiner.input_proj(refiner.feature_norm(text.hidden)))
     assert torch.equal(refined, branch.tokens)
@@ -104,8 +104,7 @@ def test_refiner_is_bidirectional_once_gates_open(tiny_llms):
     torch.testing.assert_close(a.hidden[0, first], b.hidden[0, first])  # the causal LLM cannot see the change
     t_emb = model.text.t_embedder(torch.tensor([0.5]), torch.float32)
     refiner = model.text.refiners[0]
-    ra, _ = refiner(refiner.prepare(a, torch.float32), t_emb)
-    rb, _ = refiner(refiner.prepare(b, torch.float32), t_emb)
+    (ra, _), (rb, _) = (refiner(PreparedBranch.join([refiner.prepare(s, torch.float32)])[0], t_emb) for s in (a, b))
     assert (ra[0, first] - rb[0, first]).abs().max() > 1e-4  # the refiner can
 
 
