@@ -95,7 +95,8 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
         x = gated(x, gate1[:, None], self.self_attn(modulate(layer_norm(x), shift1, scale1), ("dit", index, "self"), attend))
         query = layer_norm(x) if self.cross_query_norm else x
-        x = x + self.cross_attn(query, ("dit", index, "cross"), attend, text.tokens, text.key_mask)
+        kv = text.kv[index] if text.kv else None
+        x = x + self.cross_attn(query, ("dit", index, "cross"), attend, text.tokens, text.key_mask, kv)
         return gated(x, gate2[:, None], self.mlp(modulate(layer_norm(x), shift2, scale2)))
 
 

@@ -108,14 +108,17 @@ class Attention(nn.Module):
         self.out = ops.Linear(dim, dim, **f)
 
     def forward(self, x: torch.Tensor, site: Site, attend: Attend = sdpa, context: torch.Tensor | None = None,
-                key_mask: KeyMask | None = None) -> torch.Tensor:
+                key_mask: KeyMask | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: a K/V projection's (weight, bias) to use instead of this layer's own (a distillation
+        teacher's), in the queries' dtype."""
         b, n, d = x.shape
         context = x if context is None else context
         if context.shape[1] == 0:  # nothing to attend to: the attention contributes nothing
             return self.out(x.new_zeros(b, n, d))
         # QK-norm over head_dim before moving heads forward, while that dim is still contiguous
         q = self.q_norm(self.q(x).view(b, n, self.heads, -1)).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).unbind(2)
+        kv_out = self.kv(context) if kv is None else F.linear(context.to(q.dtype), *(w.to(q.dtype) for w in kv))
+        k, v = kv_out.view(b, context.shape[1], 2, self.heads, d // self.heads).unbind(2)
         mask = None
         if key_mask is not None:
             v, mask = key_mask.zero_empty(v), key_mask.attend

@@ -8,8 +8,10 @@ no "lora key not loaded" warning.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,18 +47,34 @@ class LoRALinear(nn.Module):
         self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.enabled = rank, alpha, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.up(self.down(x)) * (self.alpha / self.rank)
 
 
-def add_lora(model: LIDiTModel, config: LoRAConfig) -> list[str]:
-    """Freeze the model and wrap every Linear under a target prefix; returns the wrapped paths."""
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The model as it was before its adapters (e.g. PixArt itself, as the distillation teacher)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def add_lora(model: LIDiTModel, config: LoRAConfig, skip: Callable[[str], bool] = lambda path: False) -> list[str]:
+    """Freeze the model and wrap every Linear under a target prefix (but those `skip` names); returns
+    the wrapped paths."""
     model.requires_grad_(False)
     wrapped = []
     for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and path.startswith(config.targets):
+        if isinstance(module, nn.Linear) and path.startswith(config.targets) and not skip(path):
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, LoRALinear(module, config.rank, config.alpha))
             wrapped.append(path)

@@ -13,7 +13,7 @@ from torch import nn
 from .config import LIDiTConfig
 from .dit import LIDiTBackbone
 from .layers import Attend, Ops, TorchOps, sdpa
-from .refiner import TextPathway
+from .refiner import TextContext, TextPathway
 from .states import PreparedBranch, TextStates
 
 X_PARAM_T_MIN = 0.05  # below this the derived velocity (x_t - x0) / t would amplify errors
@@ -26,17 +26,20 @@ class LIDiTModel(nn.Module):
         self.text = TextPathway(config.text, ops, dtype, device)
         self.dit = LIDiTBackbone(config.dit, config.text.width, ops, dtype, device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates] | list[PreparedBranch],
-                attend: Attend = sdpa) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, texts: list[TextStates] | list[PreparedBranch] | None,
+                attend: Attend = sdpa, context: TextContext | None = None) -> torch.Tensor:
         """t in [0, 1] (DDPM index / 1000, or the flow time). Returns the config's prediction.
 
         `texts`: each branch's LLM states, or their `prepare`d form, which a sampler makes once
         per run (in x's dtype, the compute dtype). With `x_param` the network predicts the clean
         image and this returns the velocity derived from it, so samplers and hosts only ever see a
-        plain flow model.
+        plain flow model. `context` replaces the text pathway (PixArt's own caption tokens, for the
+        distillation teacher: through the root module, so FSDP's hooks run as in any forward).
         """
-        branches = [*texts] if isinstance(texts[0], PreparedBranch) else self.text.prepare(texts, x.dtype)
-        out = self.dit(x, t, self.text(branches, t, attend), attend)
+        if context is None:
+            branches = [*texts] if isinstance(texts[0], PreparedBranch) else self.text.prepare(texts, x.dtype)
+            context = self.text(branches, t, attend)
+        out = self.dit(x, t, context, attend)
         if self.config.x_param:
             t_ = t.to(out.dtype).clamp(min=X_PARAM_T_MIN).view(-1, *([1] * (x.dim() - 1)))
             out = (x.to(out.dtype) - out) / t_

@@ -140,10 +140,13 @@ class CollaborativeBlock(nn.Module):
 
 
 class TextContext:
-    """The DiT's text input: the prompt tokens of every branch, left-packed, and their pooled vector."""
+    """The DiT's text input: the prompt tokens of every branch, left-packed, and their pooled vector.
+    `kv`: per DiT block, a cross-attention K/V (weight, bias) to use instead of the block's own (the
+    PixArt distillation teacher's, which the student's training must not move)."""
 
-    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> None:
-        self.tokens, self.mask = tokens, mask
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, lengths: list[int],
+                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.tokens, self.mask, self.kv = tokens, mask, kv
         self.key_mask = KeyMask(mask, lengths)
         self.pooled = masked_mean(tokens, mask)
 

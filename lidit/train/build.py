@@ -24,13 +24,12 @@ def make_model(model_cfg: LIDiTConfig, cfg: TrainConfig, sources: list) -> LIDiT
     """
     torch.manual_seed(cfg.seed)
     lora = cfg.lora_config()
-    if lora:  # the base keeps its own feature statistics: its weights were trained on them
-        model = load_checkpoint(lora.base)
-        add_lora(model, lora)
-    elif cfg.init:
-        model = load_checkpoint(cfg.init)
+    if lora or cfg.init:  # a trained checkpoint keeps the feature statistics its weights were trained on
+        model = load_checkpoint(lora.base if lora else cfg.init)
         if not feature_stats_measured(model):  # a fresh pathway, e.g. from the PixArt converter
             model.text.set_feature_stats([source.channel_stats() for source in sources])
+        if lora:
+            add_adapters(model, cfg)
     else:
         model = LIDiTModel(model_cfg).init_weights()
         model.text.set_feature_stats([source.channel_stats() for source in sources])
@@ -42,6 +41,12 @@ def make_model(model_cfg: LIDiTConfig, cfg: TrainConfig, sources: list) -> LIDiT
         for block in model.dit.blocks:  # in place: the weight names stay the checkpoint's
             block.compile(backend=cfg.compile)
     return model
+
+
+def add_adapters(model: LIDiTModel, cfg: TrainConfig) -> None:
+    """The run's LoRA adapters; with `trainable: pathway` none on the pathway, which trains in full."""
+    pathway = cfg.trainable == "pathway"
+    add_lora(model, cfg.lora_config(), lambda path: pathway and is_pathway_key(f"{path}.weight"))
 
 
 def build_model(model_cfg: LIDiTConfig, cfg: TrainConfig, d: Dist, sources: list,

@@ -151,10 +151,10 @@ class TrainConfig:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.teacher is not None:
             self.teacher_config()
-            if not self.init or self.trainable != "pathway" or self.lora is not None or self.fsdp:
+            if not (self.init or self.lora is not None) or self.trainable != "pathway":
                 raise ValueError("distilling from PixArt (teacher) trains the pathway of a converted checkpoint on its "
-                                 "frozen backbone, which is also the teacher's: set init and trainable: pathway, and "
-                                 "neither lora nor fsdp")
+                                 "backbone, which is also the teacher's: set init (or lora.base) to the converted "
+                                 "checkpoint and trainable: pathway")
         if not (self.data.source == "scenes" or self.data.source.startswith(("folder:", "shards:"))):
             raise ValueError(f"data.source must be 'scenes', 'folder:<path>' or 'shards:<path>', got {self.data.source!r}")
         if self.text_features not in ("offline", "online"):

@@ -24,9 +24,11 @@ from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, Hu
 
 from ..checkpoint import save_checkpoint
 from ..config import LIDiTConfig
-from ..lora import add_lora, save_lora
+from ..lora import save_lora
 from ..model import LIDiTModel
+from ..pixart import save_pathway
 from ..precision import DTYPES
+from .build import add_adapters
 from .config import TrainConfig
 from .dist import Dist, sharded_like
 from .optim import EMA
@@ -46,7 +48,9 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def save_model(path: Path, model: LIDiTModel, ema: EMA, cfg: TrainConfig, extra: dict[str, str], d: Dist) -> None:
-    """model.safetensors (EMA weights), or for LoRA training lora.safetensors (EMA adapters, ComfyUI keys)."""
+    """model.safetensors (EMA weights), or for LoRA training lora.safetensors (EMA adapters, ComfyUI
+    keys), plus with `trainable: pathway` pathway.safetensors (the pathway, trained in full: a pathway
+    file for LI-DiT From PixArt, whose MODEL the LoRA then adapts)."""
     state = ema.full_state(model)  # every rank takes part in the gathers
     if not d.main:
         return
@@ -54,6 +58,10 @@ def save_model(path: Path, model: LIDiTModel, ema: EMA, cfg: TrainConfig, extra:
         tmp = path.with_name(".lora.safetensors.tmp")
         save_lora(tmp, model, state, {**extra, "lidit_base": cfg.lora_config().base})
         os.replace(tmp, path.with_name("lora.safetensors"))
+        if cfg.trainable == "pathway":
+            tmp = path.with_name(".pathway.safetensors.tmp")
+            save_pathway(tmp, ema_model(model, state, cfg), extra)
+            os.replace(tmp, path.with_name("pathway.safetensors"))
         return
     dtype = DTYPES[cfg.save_dtype]
     tmp = path.with_name(f".{path.name}.tmp")
@@ -67,7 +75,7 @@ def ema_model(model: LIDiTModel, state: dict[str, torch.Tensor], cfg: TrainConfi
     with torch.device("meta"):
         out = LIDiTModel(model.config)
         if cfg.lora is not None:
-            add_lora(out, cfg.lora_config())
+            add_adapters(out, cfg)
     out.load_state_dict(state, assign=True)
     return out
 

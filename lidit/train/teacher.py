@@ -8,8 +8,10 @@ two predictions on the same noisy input (`lidit.diffusion.distillation_loss`). A
 gets PixArt's learned empty caption on the teacher's side and the pathway's null context on the
 student's, as CFG will pair them.
 
-The teacher's text encoder runs on every micro-batch (no cache); only the pathway trains, so the
-teacher cannot drift.
+The pathway includes the backbone's cross-attention K/V projections, so the teacher keeps PixArt's
+own and its context brings them (`TextContext.kv`), and LoRA adapters on the backbone are switched
+off for its forward: the student's training never moves the teacher. The teacher's text encoder
+runs on every micro-batch (no cache).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch
 
 from ..instruction import PromptTemplate
 from ..llm import encode, load_llm
+from ..lora import adapters_off
 from ..model import LIDiTModel
-from ..pixart import caption_projection, read_pixart
+from ..pixart import caption_projection, depth_of, read_pixart
 from ..precision import compute_dtype
 from ..refiner import TextContext, fill_empty
 
@@ -45,6 +48,8 @@ class Teacher:
         sd = read_pixart(config.pixart)
         self.projection = {k: v.to(device, torch.float32) for k, v in sd.items() if k.startswith("y_embedder.y_proj.")}
         self.null = caption_projection(self.projection, sd["y_embedder.y_embedding"].to(device, torch.float32))
+        self.kv = [tuple(sd[f"blocks.{i}.cross_attn.kv_linear.{end}"].to(device) for end in ("weight", "bias"))
+                   for i in range(depth_of(sd))]
         # bf16 where the device has it natively: T5-XXL is 9.5 GB so, 19 GB in float32
         self.encoder = load_llm(config.text_encoder, layer=config.layer, dtype=compute_dtype(device), device=device)
         self.config = config
@@ -56,7 +61,9 @@ class Teacher:
         lengths = [0 if not caption else n for caption, n in zip(captions, states.mask.sum(1).tolist())]
         mask = states.mask & torch.tensor([n > 0 for n in lengths], device=tokens.device)[:, None]
         tokens, mask, lengths = fill_empty(tokens, mask, lengths, self.null)
-        return TextContext(tokens.to(dtype), mask, lengths)
+        return TextContext(tokens.to(dtype), mask, lengths, self.kv)
 
     def predict(self, model: LIDiTModel, x_t: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        return model.dit(x_t, t, self.context(captions, x_t.dtype))
+        """PixArt's prediction; `model`: the student as trained (the FSDP root, or the bare model)."""
+        with adapters_off(model):
+            return model(x_t, t, None, context=self.context(captions, x_t.dtype))

@@ -118,8 +118,82 @@ def test_distillation_closes_the_gap_to_the_teacher(converted, data, tiny_llm_di
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
 
+def test_the_teacher_is_pixart_whatever_the_student_trains(converted, teacher):
+    """The teacher's prediction through the student's model is PixArt's own however the student's
+    pathway K/V and its LoRA adapters have moved: it keeps PixArt's K/V and switches adapters off."""
+    import copy
+
+    from lidit.checkpoint import load_checkpoint
+    from lidit.lora import LoRAConfig, add_lora
+    from lidit.train.teacher import Teacher, TeacherConfig
+
+    def own_kv(context):  # the same caption tokens through the model's own K/V
+        out = copy.copy(context)
+        out.kv = None
+        return out
+
+    torch.manual_seed(0)
+    model = load_checkpoint(converted)
+    judge = Teacher(TeacherConfig(**teacher), torch.device("cpu"))
+    x, t, captions = torch.randn(2, 4, 48, 48), torch.tensor([0.9, 0.3]), ["a red circle", ""]
+    context = judge.context(captions, x.dtype)
+    with torch.no_grad():
+        before = judge.predict(model, x, t, captions)
+        assert torch.equal(model(x, t, None, context=own_kv(context)), before)  # converted: PixArt's K/V
+        for block in model.dit.blocks:
+            block.cross_attn.kv.weight.add_(1.0)
+        add_lora(model, LoRAConfig(base="unused", rank=2, targets=("dit.blocks",)), lambda path: path.endswith(".kv"))
+        for name, p in model.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_()
+        assert torch.equal(judge.predict(model, x, t, captions), before)
+        assert (model(x, t, None, context=own_kv(context)) - before).abs().max() > 1e-2  # the student did move
+
+
+def test_distillation_with_backbone_lora_writes_adapters_and_a_pathway_and_resumes(converted, data, tiny_llm_dirs,
+                                                                                  teacher, tmp_path):
+    """LoRA on the backbone (not on the pathway, which trains in full): lora.safetensors for
+    LoraLoaderModelOnly and pathway.safetensors for LI-DiT From PixArt; a stopped run resumes exactly."""
+    from lidit.pixart import join_pathway, pixart_keys
+
+    cfg = {"teacher": teacher, "lora": {"base": str(converted), "rank": 2}}
+    run(converted, data, tiny_llm_dirs, tmp_path / "whole", {**cfg, "init": None})
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", {**cfg, "init": None}, stop_after=1)
+    run(converted, data, tiny_llm_dirs, tmp_path / "split", {**cfg, "init": None}, resume=tmp_path / "split" / "resume")
+    for name in ("lora.safetensors", "pathway.safetensors"):
+        whole, split = (load_file(tmp_path / run_ / name) for run_ in ("whole", "split"))
+        assert set(whole) == set(split) and all(torch.equal(whole[k], split[k]) for k in whole), name
+    adapters = load_file(tmp_path / "whole" / "lora.safetensors")
+    assert any(k.endswith("mlp.fc1.lora_up.weight") and adapters[k].any() for k in adapters)
+    assert not any("cross_attn.kv" in k or k.startswith("diffusion_model.text.") for k in adapters)
+    _, joined = join_pathway(pixart_keys(load_file(converted.parent / "pixart.safetensors")),
+                             tmp_path / "whole" / "pathway.safetensors")
+    before = load_file(converted)
+    moved = {k for k in before if not torch.equal(before[k], joined[k])}
+    assert moved and all(is_pathway_key(k) for k in moved)
+
+
+def test_distillation_under_fsdp2_trains_and_resumes(converted, data, tiny_llm_dirs, teacher, tmp_path):
+    """One FSDP2 process (a one-member group): the teacher's forward runs through the sharded root."""
+    import torch.distributed as dist
+
+    try:
+        run(converted, data, tiny_llm_dirs, tmp_path / "whole", {"teacher": teacher, "fsdp": True})
+        run(converted, data, tiny_llm_dirs, tmp_path / "split", {"teacher": teacher, "fsdp": True}, stop_after=1)
+        run(converted, data, tiny_llm_dirs, tmp_path / "split", {"teacher": teacher, "fsdp": True},
+            resume=tmp_path / "split" / "resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    before = load_file(converted)
+    whole, split = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "split"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    moved = {k for k in before if not torch.equal(before[k], whole[k])}
+    assert moved and all(is_pathway_key(k) for k in moved)
+
+
 def test_a_teacher_needs_a_converted_checkpoint_and_a_frozen_backbone(teacher):
-    with pytest.raises(ValueError, match="set init and trainable: pathway"):
+    with pytest.raises(ValueError, match="set init \\(or lora.base\\) to the converted checkpoint and trainable: pathway"):
         TrainConfig.from_dict({"teacher": teacher, "init": "x.safetensors"})
     with pytest.raises(ValueError, match="teacher takes pixart, text_encoder"):
         TrainConfig.from_dict({"teacher": {"pixart": "x"}, "init": "x", "trainable": "pathway"})
