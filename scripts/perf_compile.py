@@ -16,8 +16,10 @@ here: every output of every non-matmul op of one forward, written once and read 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +34,19 @@ inproc = perf_host.inproc
 H100_BF16_FLOPS, H100_BYTES_PER_S, MFU = 989e12, 3.35e12, 0.6
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention_for_cpu",
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention", "matmul", "linear"}
+
+
+@contextlib.contextmanager
+def sdpa_attention() -> Iterator[None]:
+    """ComfyUI's attention as PyTorch's SDPA (its GPU default; `--use-pytorch-cross-attention`)."""
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention, attention.optimized_attention_masked
+    attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = saved
 
 
 def elementwise_bytes(patcher, conds, side: int, channels: int, cfg: float) -> tuple[float, float]:
@@ -50,17 +65,10 @@ def elementwise_bytes(patcher, conds, side: int, channels: int, cfg: float) -> t
                         Bytes.total += 2 * t.numel() * t.element_size()  # written once, read once
             return out
 
-    import comfy.ldm.modules.attention as attention
-
     # a GPU's attention is one fused kernel (PyTorch's SDPA, flash, sage): count it as one op, not
     # as the CPU's sub-quadratic kernel, whose score chunks are elementwise tensors of their own
-    saved = attention.optimized_attention, attention.optimized_attention_masked
-    attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
-    try:
-        with Bytes():
-            perf_host.sample_seconds(patcher, conds, side, channels, 1, cfg)
-    finally:
-        attention.optimized_attention, attention.optimized_attention_masked = saved
+    with sdpa_attention(), Bytes():
+        perf_host.sample_seconds(patcher, conds, side, channels, 1, cfg)
     # FLOPs with ComfyUI's CPU attention, whose matmuls the counter sees (it has no formula for the CPU's SDPA)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -78,6 +86,8 @@ def main() -> None:
     parser.add_argument("--gpu-resolution", type=int, default=1024)
     parser.add_argument("--gpu-depth", type=int, default=28)
     parser.add_argument("--bound-only", action="store_true", help="only the computed GPU bound")
+    parser.add_argument("--attention", choices=("comfy", "sdpa"), default="comfy", help="ComfyUI's attention as "
+                        "it picks it (sub-quadratic on a CPU), or PyTorch's SDPA (--use-pytorch-cross-attention)")
     args = parser.parse_args()
 
     inproc.load_pack()
@@ -88,7 +98,8 @@ def main() -> None:
 
     device = mm.get_torch_device()
     if not args.bound_only:
-        measure(args, device, TorchCompileModel, counters)
+        with sdpa_attention() if args.attention == "sdpa" else contextlib.nullcontext():
+            measure(args, device, TorchCompileModel, counters)
     gpu_bound(args)
 
 
@@ -114,7 +125,7 @@ def measure(args, device, TorchCompileModel, counters) -> None:
         for name, m in (("eager", eager), ("compiled", compiled)):
             seconds[name].append(perf_host.sample_seconds(m, conds, side, 16, args.steps, args.cfg) / args.steps)
     print(f"LI-DiT-1B depth {args.depth}, {args.resolution} px, bf16, cfg {args.cfg} (batch 2), {args.steps} steps x "
-          f"{args.rounds} rounds, {torch.get_num_threads()} threads, {device}")
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads, {device}, attention: {args.attention}")
     print(f"first compiled run (compile included): {compile_s:.0f} s; dynamo graphs: "
           f"{counters['stats']['unique_graphs']}; graph breaks: {sum(counters['graph_break'].values())} "
           f"({', '.join(sorted({k.splitlines()[0][:60] for k in counters['graph_break']}))})")
