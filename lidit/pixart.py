@@ -147,12 +147,13 @@ def depth_of(sd: Mapping[str, torch.Tensor]) -> int:
 
 
 def pixart_config(sd: Mapping[str, torch.Tensor], branches: list[LLMBranch], heads: int = PIXART_HEADS,
-                  resolution: int | None = None) -> LIDiTConfig:
+                  resolution: int | None = None, prediction: str = "eps") -> LIDiTConfig:
     """The LI-DiT config whose backbone is this PixArt's, fed by `branches` (fresh refiners, one per LLM).
 
     PixArt-alpha (micro-conditions) decodes with SD-1.5's VAE, Sigma with SDXL's, as in ComfyUI; a
     3-channel one (a PixArt trained on pixels, as the CPU-scale proof's teacher) is a pixel model. A
     checkpoint with a `pos_embed` buffer (alpha at 256/512) fixes `pe_interpolation` and its size.
+    PixArt predicts the noise; `prediction="v"` is for a PixArt-architecture model trained on v.
     """
     hidden, channels, patch, _ = sd["x_embedder.proj.weight"].shape
     alpha = "ar_embedder.mlp.0.weight" in sd
@@ -167,7 +168,7 @@ def pixart_config(sd: Mapping[str, torch.Tensor], branches: list[LLMBranch], hea
         dit=DiTConfig(depth=depth_of(sd), hidden=hidden, heads=heads, patch=patch, in_channels=channels,
                       pos_table=True, pos_rule="pixart", pe_interpolation=pe_interpolation, qk_norm=False,
                       cross_query_norm=False, adaln="single", final_modulation="table", pooled=False),
-        prediction="eps", schedule="linear", resolution=size,
+        prediction=prediction, schedule="linear", resolution=size,
         latent_format="pixel" if channels == 3 else "sd15" if alpha else "sdxl",
         steps=20, cfg=4.5,
     )
@@ -293,10 +294,11 @@ def convert_backbone(sd: Mapping[str, torch.Tensor], config: LIDiTConfig) -> dic
 
 
 def convert(sd: Mapping[str, torch.Tensor], branches: list[LLMBranch], heads: int = PIXART_HEADS,
-            resolution: int | None = None, seed: int = 0, dtype: torch.dtype | None = None) -> LIDiTModel:
+            resolution: int | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+            prediction: str = "eps") -> LIDiTModel:
     """An LI-DiT model: PixArt's backbone and null context, and a fresh LLM pathway for `branches`,
     in `dtype` (default: the dtype PixArt's weights are stored in)."""
-    config = pixart_config(sd, branches, heads, resolution)
+    config = pixart_config(sd, branches, heads, resolution, prediction)
     torch.manual_seed(seed)
     model = LIDiTModel(config, dtype=dtype or sd["t_block.1.weight"].dtype).init_weights()
     backbone = convert_backbone(sd, config)
@@ -378,8 +380,11 @@ def main(argv: list[str] | None = None) -> LIDiTModel:
     parser.add_argument("--pathway", action="store_true", help="write only the LLM pathway (refiners, K/V, null "
                         "context), to join with the PixArt MODEL in ComfyUI (LI-DiT From PixArt)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh pathway")
+    parser.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the network predicts: "
+                        "PixArt's own checkpoints the noise (eps); v for a PixArt-architecture model trained on v")
     args = parser.parse_args(argv)
-    model = convert(read_pixart(args.file), branches_of(args.llm), args.heads, args.resolution, args.seed)
+    model = convert(read_pixart(args.file), branches_of(args.llm), args.heads, args.resolution, args.seed,
+                    prediction=args.prediction)
     extra = {"converted_from": os.path.basename(args.file)}
     if args.pathway:
         save_pathway(args.out, model, extra)

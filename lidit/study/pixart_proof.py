@@ -5,7 +5,7 @@ PixArt on prompts alone, reaches PixArt's prompt following in a fraction of the 
 needs from scratch. No PixArt exists at this scale, so the command makes one:
 
 1. **Teacher**: lidit's DiT with PixArt's switches (no QK-norm, PixArt's position table,
-   adaLN-single, the final table, eps with the linear schedule), fed by one frozen LLM standing in
+   adaLN-single, the final table, the linear schedule; v rather than eps, see `teacher_config`), fed by one frozen LLM standing in
    for T5 through PixArt's caption MLP and learned empty caption, trained on the scenes with the
    scratch config's optimiser settings. It is written in PixArt's own key names.
 2. **Conversion**: `python -m lidit convert pixart` on that file, with the two LLMs of the student;
@@ -48,7 +48,6 @@ from ..layers import Attend, sdpa
 from ..llm import LLM, encode, load_llm
 from ..model import LIDiTModel
 from ..pixart import main as convert_main
-from ..pixart import pixart_config, read_pixart
 from ..precision import compute_dtype
 from ..refiner import TextContext, fill_empty
 from ..states import PreparedBranch, TextStates
@@ -130,13 +129,18 @@ class PixArtTeacher(LIDiTModel):
         return self
 
 
-def teacher_config(base: LIDiTConfig, encoder: LLMBranch, null_tokens: int) -> LIDiTConfig:
+def teacher_config(base: LIDiTConfig, encoder: LLMBranch, null_tokens: int, prediction: str = "v") -> LIDiTConfig:
     """PixArt's architecture at the size of `base`'s backbone, reading `encoder` at its last layer
     with the bare caption (no instruction, no chat template), as PixArt reads T5.
 
-    Its width is raised, where needed, to hold a patch's values (patch² x channels): PixArt predicts
-    the noise, and a token narrower than its patch cannot carry white noise (at the demo's patch 8
-    over RGB, 192 values through 128 would floor the loss at 1 - 128/192)."""
+    Its width is raised, where needed, to hold a patch's values (patch² x channels): near t = 0 both
+    eps and v are the noise, and a token narrower than its patch cannot carry white noise (at the
+    demo's patch 8 over RGB, 192 values through 128 would floor the loss at 1 - 128/192).
+
+    It predicts v, not PixArt's eps: in pixels at this width an eps network copies the noise with
+    an error near 0.02 at every t, and the clean image it implies divides that error by
+    sqrt(alpha_bar), which PixArt's linear schedule takes to 0.0064 at t = 999, so its samples are
+    noise. v is the clean image at high noise, and the conversion is exact either way."""
     d = base.dit
     d = replace(d, hidden=max(d.hidden, -(-d.patch ** 2 * d.in_channels // d.heads) * d.heads))
     text = TextConfig(branches=(encoder,), width=d.hidden, heads=d.heads, max_tokens=null_tokens,
@@ -145,7 +149,7 @@ def teacher_config(base: LIDiTConfig, encoder: LLMBranch, null_tokens: int) -> L
     dit = DiTConfig(depth=d.depth, hidden=d.hidden, heads=d.heads, patch=d.patch, in_channels=d.in_channels,
                     pos_table=True, pos_rule="pixart", qk_norm=False, cross_query_norm=False, adaln="single",
                     final_modulation="table", pooled=False)
-    return LIDiTConfig(text=text, dit=dit, prediction="eps", schedule="linear", latent_format="pixel",
+    return LIDiTConfig(text=text, dit=dit, prediction=prediction, schedule="linear", latent_format="pixel",
                        resolution=base.resolution, steps=20, cfg=4.5)
 
 
@@ -229,7 +233,7 @@ def train_teacher(setup: Setup) -> dict:
         return json.loads(stats_path.read_text())
     a = setup.args
     cfg = TrainConfig.from_dict({**setup.scratch, "steps": a.teacher_steps})
-    config = teacher_config(setup.base, setup.encoder(), a.null_tokens)
+    config = teacher_config(setup.base, setup.encoder(), a.null_tokens, a.teacher_prediction)
     print(f"pixart proof: training the teacher ({a.teacher_steps} steps)", flush=True)
     torch.manual_seed(cfg.seed)
     model = PixArtTeacher(config).init_weights()
@@ -289,12 +293,13 @@ def convert(setup: Setup) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         heads = setup.base.dit.heads
         convert_main([str(pixart), "--out", str(out), "--heads", str(heads), "--resolution", str(setup.base.resolution),
+                      "--prediction", setup.args.teacher_prediction,
                       *(x for folder in setup.args.llm for x in ("--llm", folder))])
     teacher = load_teacher(setup.out / "teacher" / "teacher.safetensors")
     mismatched = backbone_mismatches(load_file(out), teacher.state_dict())
-    derived = pixart_config(read_pixart(pixart), [setup.encoder()], setup.base.dit.heads, setup.base.resolution)
-    if mismatched or derived.dit != teacher.config.dit:
-        raise SystemExit(f"the converted backbone differs from the teacher's: {mismatched[:3]} / {derived.dit}")
+    derived = LIDiTConfig.from_json(read_metadata(out)["lidit_config"])
+    if mismatched or derived.dit != teacher.config.dit or derived.prediction != teacher.config.prediction:
+        raise SystemExit(f"the converted backbone differs from the teacher's: {mismatched[:3]} / {derived}")
     return {"checkpoint": str(out), "backbone_exact": True,
             "backbone_weights_compared": sum(1 for k in teacher.state_dict() if k.startswith("dit."))}
 
@@ -456,13 +461,14 @@ def table(rows: list[dict], comparisons: list[tuple[str, dict, dict]]) -> str:
 
 
 def comparisons(teacher: dict, student: list[dict], scratch: list[dict]) -> list[tuple[str, dict, dict]]:
-    """The student (last snapshot) against the teacher, and the student and the teacher each against
-    the first from-scratch snapshot with at least its CPU time, and against the run's end."""
+    """The student (last snapshot) against the teacher; every student snapshot and the teacher each
+    against the first from-scratch snapshot with at least its CPU time, and against the run's end."""
     def equal(row: dict) -> dict:
         return next((r for r in scratch if r["cpu_seconds"] >= row["cpu_seconds"]), scratch[-1])
 
     last = student[-1]
-    pairs = [(last, teacher), (last, equal(last)), (last, scratch[-1]), (teacher, equal(teacher)), (teacher, scratch[-1])]
+    pairs = [(last, teacher), *((row, equal(row)) for row in student), (last, scratch[-1]), (teacher, equal(teacher)),
+             (teacher, scratch[-1])]
     pairs = [p for i, p in enumerate(pairs) if p not in pairs[:i]]
     return [(f"{a['label']} - {b['label']}", a, b) for a, b in pairs]
 
@@ -484,6 +490,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the frozen encoder standing in for T5 (read at its last layer)")
     p.add_argument("--scratch-config", default="configs/demo.json", help="the from-scratch run's training config")
     p.add_argument("--teacher-steps", type=int, default=1500)
+    p.add_argument("--teacher-prediction", choices=("v", "eps"), default="v",
+                   help="the teacher's target (PixArt's own is eps, which does not draw at this size)")
     p.add_argument("--scratch-steps", type=int, default=800)
     p.add_argument("--scratch-every", type=int, default=200, help="snapshot interval of the from-scratch run")
     p.add_argument("--student-steps", type=int, default=300)
