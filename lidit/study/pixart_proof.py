@@ -5,9 +5,10 @@ PixArt on prompts alone, reaches PixArt's prompt following in a fraction of the 
 needs from scratch. No PixArt exists at this scale, so the command makes one:
 
 1. **Teacher**: lidit's DiT with PixArt's switches (no QK-norm, PixArt's position table,
-   adaLN-single, the final table, the linear schedule; v rather than eps, see `teacher_config`), fed by one frozen LLM standing in
-   for T5 through PixArt's caption MLP and learned empty caption, trained on the scenes with the
-   scratch config's optimiser settings. It is written in PixArt's own key names.
+   adaLN-single, the final table, the linear schedule; v rather than eps, see `teacher_config`),
+   fed by one frozen LLM standing in for T5 through PixArt's caption MLP and learned empty caption,
+   trained on the scenes with the scratch config's optimiser settings. It is written in PixArt's
+   own key names.
 2. **Conversion**: `python -m lidit convert pixart` on that file, with the two LLMs of the student;
    the converted backbone must equal the teacher's exactly (checked).
 3. **Prompt-only inputs**: the teacher draws one image per training caption; no scene image is
