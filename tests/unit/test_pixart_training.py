@@ -185,6 +185,11 @@ def test_distillation_under_fsdp2_trains_and_resumes(converted, data, tiny_llm_d
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    import json
+
+    from lidit.checkpoint import read_metadata
+
+    assert json.loads(read_metadata(tmp_path / "whole" / "model.safetensors")["training_stats"])["fsdp"]
     before = load_file(converted)
     whole, split = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "split"))
     assert all(torch.equal(whole[k], split[k]) for k in whole)
